@@ -1,0 +1,330 @@
+"""The run configuration: typed dataclasses, loaded from YAML/JSON plus ``key=value`` overrides.
+
+Every field has a docstring-like ``help`` in its metadata (shown by ``aapo train --help-config``).
+Loading is strict: an unknown key, a wrong type or an invalid value is an :class:`AapoError` that
+names the field (``rollout.group_size``) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from aapo_app.algorithms import algorithm_params_class
+from aapo_app.data import DataConfig
+from aapo_app.errors import AapoError
+from aapo_app.models import EMBEDDED_DEFAULT
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train; the frozen reference is a second copy of the same weights."""
+
+    path: str = _f(EMBEDDED_DEFAULT, "HF hub id, local HF directory, .gguf file, or the embedded SmolLM2-135M-Instruct")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (training mode only)")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise AapoError(f"model.path is empty; give a model or '{EMBEDDED_DEFAULT}'")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling settings, shared by the policy group and the reference group."""
+
+    group_size: int = _f(4, "G: completions sampled per prompt from the policy (and G from the reference)")
+    prompts_per_rank: int = _f(2, "prompts per optimizer step on each data-parallel rank; groups never span ranks")
+    max_new_tokens: int = _f(48, "completion length limit; a completion that reaches it without EOS is truncated")
+    temperature: float = _f(0.7, "sampling temperature; log-probs in the loss use logits / temperature too")
+    top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
+    top_k: int = _f(0, "top-k sampling (0 = off)")
+    generation_batch_size: int = _f(0, "sequences per generate call (0 = all of a rank's prompts x G at once)")
+    gather: str = _f(
+        "full",
+        "'full': gather all ZeRO-3 partitions once and generate on a plain copy sharing them (fast); "
+        "'layerwise': generate on the partitioned model, gathering one layer at a time (synced_gpus) "
+        "for models too large to gather whole",
+    )
+    deepspeed_hybrid_engine: bool = _f(
+        False, "use DeepSpeed's own hybrid engine kernels (only OPT/BLOOM/GPT-J/GPT-Neo(X)/LLaMA/InternLM)"
+    )
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise AapoError(
+                f"rollout.group_size must be > 1 for group-relative advantages (got {self.group_size})"
+            )
+        _positive("rollout.prompts_per_rank", self.prompts_per_rank)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        if not self.temperature > 0:
+            raise AapoError(f"rollout.temperature must be > 0 (got {self.temperature}); use a small value for near-greedy")
+        if not 0 < self.top_p <= 1:
+            raise AapoError(f"rollout.top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0 or self.generation_batch_size < 0:
+            raise AapoError("rollout.top_k and rollout.generation_batch_size must be >= 0")
+        if self.gather not in ("full", "layerwise"):
+            raise AapoError(f"rollout.gather must be 'full' or 'layerwise' (got '{self.gather}')")
+
+
+@dataclass
+class RewardsConfig:
+    """Reward functions by name and their weights: r = sum_k w_k R_k (SPEC section 5)."""
+
+    weights: dict = _f({"accuracy": 1.0, "boxed_format": 0.5}, "reward name -> weight")
+    verify_timeout_s: float = _f(5.0, "wall-clock bound per answer verification; an overrun scores 0 and is counted")
+    num_workers: int = _f(2, "grader worker processes per rank")
+
+    def validate(self) -> None:
+        if not isinstance(self.weights, dict) or not self.weights:
+            raise AapoError("rewards.weights must be a non-empty mapping of reward name -> weight")
+        from aapo_app.rewards import REWARDS
+
+        for name, weight in self.weights.items():
+            if name not in REWARDS:
+                raise AapoError(f"rewards.weights: unknown reward '{name}'; choose from {', '.join(sorted(REWARDS))}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise AapoError(f"rewards.weights.{name} must be a number (got {weight!r})")
+        if not self.verify_timeout_s > 0:
+            raise AapoError(f"rewards.verify_timeout_s must be > 0 (got {self.verify_timeout_s})")
+        _positive("rewards.num_workers", self.num_workers)
+
+
+@dataclass
+class AlgorithmConfig:
+    """The algorithm by registry name and its parameters (see ``aapo_app.algorithms``)."""
+
+    name: str = _f("aapo", "aapo | grpo | gpg")
+    params: Any = None  # the algorithm's Params dataclass, filled by the loader
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of the update stage."""
+
+    max_steps: int = _f(10, "optimizer steps (one rollout and one update each)")
+    learning_rate: float = _f(2e-5, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
+    micro_batch_size: int = _f(4, "sequences per forward/backward; accumulation = prompts_per_rank*G/micro_batch_size")
+    seed: int = _f(0, "seed of data order, sampling and initialisation")
+    eval_every: int = _f(0, "held-out evaluation every N steps (0 = only before and after training)")
+    eval_max_new_tokens: int = _f(48, "completion length limit of the greedy held-out evaluation")
+    log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
+    log_rollouts: bool = _f(True, "append every group (prompt, completions, rewards, advantages) to rollouts/rank<r>.jsonl")
+
+    def validate(self) -> None:
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.eval_max_new_tokens", self.eval_max_new_tokens)
+        _positive("train.log_every", self.log_every)
+        if not self.learning_rate > 0:
+            raise AapoError(f"train.learning_rate must be > 0 (got {self.learning_rate})")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise AapoError("train.warmup_steps, eval_every, max_grad_norm and weight_decay must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """One training run. Sections map one-to-one onto the YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = _f("", "run directory (default: runs/<algorithm>-<UTC time>)")
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.rollout, self.rewards, self.train):
+            section.validate()
+        self.algorithm.params.validate()
+        sequences = self.rollout.prompts_per_rank * self.rollout.group_size
+        if sequences % self.train.micro_batch_size:
+            raise AapoError(
+                f"train.micro_batch_size={self.train.micro_batch_size} does not divide the "
+                f"{sequences} sequences per rank (rollout.prompts_per_rank x rollout.group_size); "
+                f"choose a divisor of {sequences}"
+            )
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.rollout.prompts_per_rank * self.rollout.group_size // self.train.micro_batch_size
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["algorithm"] = {"name": self.algorithm.name, **dataclasses.asdict(self.algorithm.params)}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise AapoError(f"{name} must be >= 1 (got {value})")
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AapoError(f"--config: no file '{path}'; give a YAML or JSON run config")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None) or getattr(exc, "lineno", None)
+        raise AapoError(f"--config: '{path}' is not valid YAML/JSON ({where or exc}); fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AapoError(f"--config: '{path}' must hold a mapping of sections (model:, rollout:, ...)")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML scalars (1e-5, true, null)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise AapoError(f"override '{item}' must look like section.key=value (e.g. rollout.group_size=8)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise AapoError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(name, value, args[0])
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    tname = getattr(tp, "__name__", str(tp))
+    raise AapoError(f"{name} must be of type {tname} (got {value!r})")
+
+
+def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
+    """Build ``cls`` from a mapping, strictly: unknown keys and wrong types are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise AapoError(f"{prefix} must be a mapping of keys (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise AapoError(f"{prefix}.{unknown[0]} is not a known key; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, f"{prefix}.{key}")
+        else:
+            kwargs[key] = _check_type(f"{prefix}.{key}", value, tp)
+    return cls(**kwargs)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override, type-check and validate a run config."""
+    data = read_config_file(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    algo = data.pop("algorithm", None) or {}
+    if not isinstance(algo, dict):
+        raise AapoError("algorithm must be a mapping with a name (e.g. algorithm: {name: aapo})")
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise AapoError(f"'{unknown[0]}' is not a config section; valid: {', '.join(sorted(top))}")
+    sections = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "algorithm" or f.name not in data:
+            continue
+        tp = typing.get_type_hints(RunConfig)[f.name]
+        if dataclasses.is_dataclass(tp):
+            sections[f.name] = build_dataclass(tp, data[f.name], f.name)
+        else:
+            sections[f.name] = _check_type(f.name, data[f.name], tp)
+    algo = dict(algo)
+    name = algo.pop("name", "aapo")
+    if not isinstance(name, str):
+        raise AapoError(f"algorithm.name must be a string (got {name!r})")
+    params = build_dataclass(algorithm_params_class(name), algo, "algorithm")
+    cfg = RunConfig(**sections, algorithm=AlgorithmConfig(name=name, params=params))
+    cfg.validate()
+    return cfg
+
+
+def describe_config() -> str:
+    """Every config key with its default and help, for ``aapo train --help-config``."""
+    lines = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            if f.name == "params":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+
+    walk(RunConfig, "")
+    from aapo_app.algorithms import ALGORITHMS
+
+    for name in sorted(ALGORITHMS):
+        params_cls = algorithm_params_class(name)
+        for f in dataclasses.fields(params_cls):
+            lines.append(f"  algorithm.{f.name} = {f.default!r}   [{name}]\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

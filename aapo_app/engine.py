@@ -1,0 +1,240 @@
+"""The DeepSpeed side: distributed set-up, the policy's hybrid engine and the frozen reference.
+
+The policy is one DeepSpeed engine (ZeRO-3 by default) that switches between two modes:
+
+* **generation mode** (:meth:`ZeroModel.generation_mode`): all ranks gather the partitioned
+  parameters together (``deepspeed.zero.GatheredParameters``), and each rank samples on a plain
+  module that *shares* the gathered storage (no copy, no ZeRO hooks on the hot path, KV cache on).
+  On exit the plain module lets go of the tensors and ZeRO-3 re-partitions them, so the full
+  weights live only while sampling. With ``rollout.gather=layerwise`` the partitioned model itself
+  generates with ``synced_gpus=True``: ZeRO-3 gathers one layer at a time (slow, but the whole
+  model never has to fit on one rank).
+* **training mode**: ``train()``, optional gradient checkpointing, forward/backward/step.
+
+The reference is a second ZeRO-3 engine with no optimizer and ``requires_grad=False`` weights; it
+samples (AAPO's reference group) and scores log-probs (KL baselines) through the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher (deepspeed/torchrun) set up, or make a 1-rank one."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# a plain module sharing the gathered weights
+
+
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_param: bool) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if is_param:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+class SharedView:
+    """A plain copy of a model's *structure* whose tensors are pointed at another module's storage.
+
+    Built once on the meta device (no memory), then :meth:`attach` points every parameter and
+    buffer at the source module's current ``.data`` (the gathered ZeRO-3 tensors) and
+    :meth:`detach` drops those references again so ZeRO-3 can free them.
+    """
+
+    def __init__(self, source: nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            self.module = AutoModelForCausalLM.from_config(source.config)
+        self.module.eval()
+        self.module.generation_config = source.generation_config
+        self._source = source
+
+    def attach(self) -> nn.Module:
+        src = self._source
+        for name, p in src.named_parameters(remove_duplicate=False):
+            _set_tensor(self.module, name, p.data, is_param=True)
+        for name, b in src.named_buffers(remove_duplicate=False):
+            _set_tensor(self.module, name, b, is_param=False)
+        # plain tensor attributes (e.g. rotary `original_inv_freq`) are neither params nor buffers
+        for name, sub in src.named_modules():
+            view_sub = self.module.get_submodule(name) if name else self.module
+            for attr, value in vars(sub).items():
+                if isinstance(value, torch.Tensor) and not attr.startswith("_"):
+                    setattr(view_sub, attr, value)
+        return self.module
+
+    def detach(self) -> None:
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            _set_tensor(self.module, name, torch.empty_like(p, device="meta"), is_param=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engines
+
+
+class ZeroModel:
+    """A causal LM inside a DeepSpeed engine, with a generation mode and log-prob scoring.
+
+    ``trainable=True`` gives the policy (optimizer, scheduler, backward/step); ``False`` gives the
+    frozen reference (a ZeRO inference engine: no optimizer, no gradients).
+    """
+
+    def __init__(self, model: nn.Module, ds_config: dict, trainable: bool, gather: str = "full",
+                 gradient_checkpointing: bool = False):
+        import deepspeed
+
+        self.trainable = trainable
+        self.gather = gather
+        self.gradient_checkpointing = gradient_checkpointing
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad] if trainable else None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, config=ds_config, model_parameters=params
+        )
+        self.module = self.engine.module
+        self._view = None
+        if trainable:
+            self.engine.train()
+        else:
+            self.engine.eval()
+
+    # -- generation mode ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def generation_mode(self):
+        """Yield a module to call ``generate`` on; returns to training mode afterwards."""
+        import deepspeed
+
+        self.engine.eval()
+        try:
+            if self.gather == "layerwise":
+                use_cache = self.module.config.use_cache
+                self.module.config.use_cache = True
+                try:
+                    yield self.module
+                finally:
+                    self.module.config.use_cache = use_cache
+            else:
+                if self._view is None:
+                    self._view = SharedView(self.module)
+                params = list(self.module.parameters())
+                with deepspeed.zero.GatheredParameters(params, enabled=self.stage == 3):
+                    try:
+                        yield self._view.attach()
+                    finally:
+                        self._view.detach()
+        finally:
+            if self.trainable:  # the policy always goes back to training mode
+                self.engine.train()
+
+    @property
+    def synced_gpus(self) -> bool:
+        """Layer-wise ZeRO-3 generation needs every rank to keep stepping until all are done."""
+        import torch.distributed as dist
+
+        return self.gather == "layerwise" and self.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+
+    # -- scoring -----------------------------------------------------------------------------
+    def completion_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                            prompt_width: int, temperature: float) -> torch.Tensor:
+        """Log-probs ``[n, T_c]`` of the completion tokens under this model at ``temperature``.
+
+        Runs through the engine (ZeRO-3 gathers per layer), so every rank must call it the same
+        number of times. Gradients flow when the engine is trainable and grad mode is on.
+        """
+        return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature)
+
+
+def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_width: int, temperature: float) -> torch.Tensor:
+    """Per-token log pi(o_t | q, o_<t) of the completion part of ``sequences``, from logits / T.
+
+    ``sequences`` is ``[n, T]`` = left-padded prompt (width ``prompt_width``) + completion. Position
+    ids follow the attention mask, as in ``generate``, so left padding does not shift positions.
+    """
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    width_c = sequences.shape[1] - prompt_width
+    out = model(
+        input_ids=sequences,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=width_c + 1,
+    )
+    logits = out.logits[:, :-1, :].float() / temperature  # [n, T_c, V]: position t predicts token t+1
+    targets = sequences[:, prompt_width:]  # [n, T_c]
+    # log_softmax at the target only: x_target - logsumexp(x), without a [n, T_c, V] log-prob tensor
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,356 @@
+"""The one answer grader, shared by the training reward and benchmark evaluation.
+
+Usage::
+
+    with Grader(timeout_s=5.0) as grader:
+        results = grader.grade_many(["7", "\\frac{1}{2}"], ["... \\boxed{7}", "so x = 0.5"])
+    results[0].correct  # True
+
+    grade("7", "the answer is \\boxed{7}").correct  # module-level, shared lazily created Grader
+
+How an item is graded (math-verify, the lighteval / open-r1 protocol):
+
+1. The gold is a bare answer string ("7", "\\frac{1}{2}", "27.0", "(1,2)"). It is wrapped as
+   ``$gold$`` and parsed with ``LatexExtractionConfig()``; a gold that already carries its own
+   ``$`` or ``\\boxed{}`` is parsed as is. If that extracts nothing, the bare string is parsed
+   with ``ExprExtractionConfig()`` (plain numbers).
+2. The prediction is parsed with ``[LatexExtractionConfig(boxed_match_priority=0),
+   ExprExtractionConfig()]``: the last ``\\boxed{}`` first, else the last LaTeX / plain expression.
+3. ``verify(gold_parsed, pred_parsed)`` decides.
+
+Time bounds. math-verify bounds its own work with ``signal.alarm``, which only works in a
+process's main thread, and a SIGALRM handler cannot interrupt a long C call at all. So every item
+runs in a small pool of worker processes (``spawn`` context, safe after torch or DeepSpeed have
+started threads), each grading one item at a time in its main thread under one
+``signal.setitimer`` budget of ``timeout_s`` for the whole item (math-verify's own timeouts are
+switched off there: its ``signal.alarm(0)`` clean-up would cancel our timer). The parent also
+enforces a hard wall-clock bound, ``hard_timeout_s = timeout_s + 2 s``: a worker that overruns it is
+killed and respawned, and its item scores ``timeout``. Workers start lazily on the first call and
+are reused; items of one ``grade_many`` call run in parallel across them. Any exception scores
+``error``; nothing raised in a worker reaches the caller.
+
+Workers are started with ``spawn``, which re-imports the caller's ``__main__`` module: scripts that
+grade must keep their entry point under ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+STATUSES = ("ok", "no_answer", "timeout", "error")
+_KILL_MARGIN_S = 2.0  # parent's hard bound = timeout_s + this
+_STARTUP_TIMEOUT_S = 120.0  # a worker must import math-verify within this
+_MAX_START_FAILURES = 3  # per call; then the remaining items score "error"
+_READY = "ready"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GradeResult:
+    """The verdict on one (gold, prediction) pair.
+
+    Attributes:
+        correct: True iff math-verify judged the prediction equal to the gold.
+        status: "ok" (graded), "no_answer" (nothing in the prediction parsed into a mathematical
+            expression, and no string match), "timeout" (over ``timeout_s``) or "error" (an
+            exception, a crashed worker, or a gold that math-verify cannot parse).
+        gold: the text math-verify extracted from the gold ("" if none).
+        predicted: the text math-verify extracted from the prediction ("" if none or unknown).
+    """
+
+    correct: bool
+    status: str
+    gold: str = ""
+    predicted: str = ""
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _ItemTimeout(BaseException):
+    """Raised by SIGALRM in a worker. A BaseException so math-verify's `except Exception` lets it pass."""
+
+
+def _on_alarm(signum, frame):
+    raise _ItemTimeout()
+
+
+def _text(parsed: list) -> str:
+    """The extracted string math-verify returns beside the parsed value (never str() of sympy,
+    which can itself take forever on a huge expression)."""
+    return next((x for x in reversed(parsed) if isinstance(x, str)), "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_gold(gold: str) -> list:
+    """Parse a bare gold answer: as LaTeX in ``$...$`` (or as is), else as a plain expression."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    text = gold if ("$" in gold or "\\boxed" in gold) else f"${gold}$"
+    parsed = parse(text, [LatexExtractionConfig()], parsing_timeout=None, raise_on_error=True)
+    if not parsed:
+        parsed = parse(gold, [ExprExtractionConfig()], parsing_timeout=None, raise_on_error=True)
+    return parsed
+
+
+def _grade_item(gold: str, prediction: str, seen: dict) -> GradeResult:
+    """Grade one pair with math-verify (no time bound here; the caller holds the alarm).
+
+    ``seen`` receives the extracted texts as they become known, so a timeout can still report them.
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from sympy import Basic, MatrixBase
+
+    gold_parsed = _parse_gold(gold)
+    seen["gold"] = _text(gold_parsed)
+    if not gold_parsed:
+        return GradeResult(False, "error", "", "")
+    pred_parsed = parse(
+        prediction,
+        [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=None,
+        raise_on_error=True,
+    )
+    seen["predicted"] = _text(pred_parsed)
+    # raise_on_error=False (math-verify's default): an error on one (gold, pred) candidate pair
+    # must not hide a match on another, e.g. the plain string comparison.
+    correct = bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    has_math = any(isinstance(x, (Basic, MatrixBase)) for x in pred_parsed)
+    status = "ok" if correct or has_math else "no_answer"
+    return GradeResult(correct, status, seen["gold"], seen["predicted"])
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: receive (gold, prediction, timeout_s), send back a GradeResult; None stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGALRM, _on_alarm)
+    # We switch math-verify's timeouts off and bound items ourselves; silence its warning about it.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    try:  # warm up (imports, parser set-up) before "ready", so no item's time budget pays for it
+        _grade_item("1", "\\boxed{1}", {})
+    except Exception:
+        pass
+    conn.send(_READY)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        gold, prediction, timeout_s = message
+        seen = {"gold": "", "predicted": ""}
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                result = _grade_item(gold, prediction, seen)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _ItemTimeout:
+            result = GradeResult(False, "timeout", seen["gold"], seen["predicted"])
+        except Exception:
+            result = GradeResult(False, "error", seen["gold"], seen["predicted"])
+        try:
+            conn.send(result)
+        except (EOFError, OSError):
+            return
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class _Worker:
+    """One worker process, the parent's end of its pipe, and the item it is grading."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext):
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="aapo-grader")
+        self.proc.start()
+        child_conn.close()
+        self.ready = False
+        self.deadline = time.monotonic() + _STARTUP_TIMEOUT_S  # until ready, then per item
+        self.item: int | None = None
+
+    def send(self, index: int, gold: str, prediction: str, timeout_s: float, hard_timeout_s: float) -> None:
+        self.conn.send((gold, prediction, timeout_s))
+        self.item = index
+        self.deadline = time.monotonic() + hard_timeout_s
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        """Ask the worker to exit; kill it if it does not within a second."""
+        try:
+            self.conn.send(None)
+        except (EOFError, OSError):
+            pass
+        self.proc.join(timeout=1)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class Grader:
+    """Grades predictions against gold answers with math-verify, in a pool of worker processes.
+
+    Args:
+        timeout_s: time bound for one item (parsing both sides and verifying). The parent kills a
+            worker that overruns ``hard_timeout_s = timeout_s + 2`` seconds.
+        num_workers: worker processes; default ``min(2, os.cpu_count())``.
+
+    Attributes:
+        stats: running counts since creation: "graded", "timeout", "error", "no_answer", and
+            "worker_kills" (workers killed by the parent's hard bound or found dead).
+        hard_timeout_s: the parent's wall-clock bound per item (tests lower it to exercise the kill).
+    """
+
+    def __init__(self, timeout_s: float = 5.0, num_workers: int | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
+        self.timeout_s = float(timeout_s)
+        self.hard_timeout_s = self.timeout_s + _KILL_MARGIN_S
+        self.num_workers = max(1, num_workers or min(2, os.cpu_count() or 1))
+        self.stats = {"graded": 0, "timeout": 0, "error": 0, "no_answer": 0, "worker_kills": 0}
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def grade(self, gold: str, prediction: str) -> GradeResult:
+        """Grade one prediction against one gold answer."""
+        return self.grade_many([gold], [prediction])[0]
+
+    def grade_many(self, golds: Sequence[str], predictions: Sequence[str]) -> list[GradeResult]:
+        """Grade ``predictions[i]`` against ``golds[i]`` for every i, in parallel across the workers."""
+        return self._grade_all(golds, predictions, self.timeout_s, self.hard_timeout_s)
+
+    def close(self) -> None:
+        """Stop the worker processes. The Grader restarts them if it is used again."""
+        with self._lock:
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _grade_all(
+        self, golds: Sequence[str], predictions: Sequence[str], timeout_s: float, hard_timeout_s: float
+    ) -> list[GradeResult]:
+        if len(golds) != len(predictions):
+            raise ValueError(f"{len(golds)} golds but {len(predictions)} predictions")
+        golds = [str(g) for g in golds]
+        predictions = [str(p) for p in predictions]
+        results: list[GradeResult | None] = [None] * len(golds)
+        with self._lock:
+            try:
+                self._schedule(golds, predictions, results, timeout_s, hard_timeout_s)
+            except Exception:  # e.g. no process can be started here: score "error", don't crash
+                logger.warning("grader: grading failed; unfinished items score 'error'", exc_info=True)
+                self._kill_all()
+            except BaseException:  # Ctrl-C: workers may hold items of this call; start afresh next time
+                self._kill_all()
+                raise
+        results = [r if r is not None else GradeResult(False, "error") for r in results]
+        for result in results:
+            self.stats["graded"] += 1
+            if result.status != "ok":
+                self.stats[result.status] += 1
+        return results
+
+    def _schedule(
+        self,
+        golds: list[str],
+        predictions: list[str],
+        results: list[GradeResult | None],
+        timeout_s: float,
+        hard_timeout_s: float,
+    ) -> None:
+        """Feed items to idle workers one at a time, collect results, kill overrunning workers."""
+        if not golds:
+            return
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self._ctx))
+        pending = deque(range(len(golds)))
+        start_failures = 0
+
+        def replace(worker: _Worker, status: str) -> None:
+            """Kill a hung or dead worker, score its item, and start a fresh one."""
+            nonlocal start_failures
+            worker.kill()
+            self.stats["worker_kills"] += 1
+            if worker.item is not None:
+                results[worker.item] = GradeResult(False, status)
+            elif not worker.ready:
+                start_failures += 1
+            self._workers[self._workers.index(worker)] = _Worker(self._ctx)
+
+        while pending or any(w.item is not None for w in self._workers):
+            if start_failures >= _MAX_START_FAILURES:  # workers cannot start: give up, don't hang
+                pending.clear()  # these stay None and score "error"
+                if all(w.item is None for w in self._workers):
+                    return
+            for worker in self._workers:
+                if worker.ready and worker.item is None and pending:
+                    i = pending.popleft()
+                    try:
+                        worker.send(i, golds[i], predictions[i], timeout_s, hard_timeout_s)
+                    except OSError:  # died while idle: put the item back
+                        pending.appendleft(i)
+                        replace(worker, "error")
+            waiting = [w for w in self._workers if w.item is not None or not w.ready]
+            next_deadline = min(w.deadline for w in waiting)
+            readable = wait([w.conn for w in waiting], timeout=max(0.0, next_deadline - time.monotonic()))
+            for worker in waiting:
+                if worker.conn in readable:
+                    try:
+                        message = worker.conn.recv()
+                    except (EOFError, OSError):  # the worker died (e.g. out of memory)
+                        replace(worker, "error")
+                        continue
+                    if message == _READY:
+                        worker.ready, start_failures = True, 0
+                    else:
+                        results[worker.item] = message
+                        worker.item = None
+                elif time.monotonic() > worker.deadline:
+                    replace(worker, "timeout")
+
+    def _kill_all(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.kill()
+            except Exception:
+                pass
+        self._workers = []
+
+
+_shared: Grader | None = None
+_shared_lock = threading.Lock()
+
+
+def grade(gold: str, prediction: str, timeout_s: float = 5.0) -> GradeResult:
+    """Grade one pair with a lazily created module-level Grader (stopped at interpreter exit)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Grader()
+            atexit.register(_shared.close)
+    return _shared._grade_all([gold], [prediction], timeout_s, timeout_s + _KILL_MARGIN_S)[0]

@@ -1,0 +1,66 @@
+"""Every metric written to ``metrics.jsonl``, defined once (the README glossary mirrors this table).
+
+Per-step values are averaged over data-parallel ranks (every rank holds the same number of groups,
+so that is the global mean), except throughputs, which are summed over ranks.
+"""
+
+from __future__ import annotations
+
+METRICS: dict[str, str] = {
+    "step": "optimizer steps taken so far (1-based)",
+    "reward/mean": "mean weighted reward r of the policy samples",
+    "reward/std": "standard deviation of r over the policy samples of the step (per rank, then averaged)",
+    "reward/<name>": "mean unweighted value of reward function <name> on the policy samples",
+    "ref_reward/mean": "mean weighted reward of the reference samples (algorithms that sample the reference)",
+    "ref_reward/std": "standard deviation of the reference samples' rewards",
+    "ref_reward/<name>": "mean of reward function <name> on the reference samples",
+    "accuracy": "fraction of policy samples whose final answer the grader accepts (= reward/accuracy)",
+    "format_rate": "fraction of policy samples meeting the format reward (boxed_format, else format / tag_format)",
+    "advantage/mean": "mean advantage over the policy samples",
+    "advantage/std": "standard deviation of the advantages",
+    "algo/zero_std_group_frac": "fraction of prompt groups whose G rewards are all equal (group term 0)",
+    "algo/clip_low_frac": "AAPO: fraction of momentum terms r_i - r_ref_i clipped at delta_low",
+    "algo/clip_high_frac": "AAPO: fraction of momentum terms r_i - r_ref_i clipped at delta_high",
+    "algo/<other>": "further diagnostics of the algorithm's advantage and loss (see its module docstring)",
+    "loss": "mean of the micro-batch losses of the step",
+    "grad_norm": "global gradient norm before clipping, as reported by DeepSpeed",
+    "lr": "learning rate used by the step",
+    "completion_len/mean": "mean policy completion length in tokens (EOS included)",
+    "truncated_frac": "fraction of policy completions that hit max_new_tokens without EOS",
+    "verify_timeouts": "answer verifications that exceeded rewards.verify_timeout_s this step (scored 0)",
+    "verify_errors": "answer verifications that raised an error this step (scored 0)",
+    "rollout_tokens_per_s": "sampled tokens (policy + reference, all ranks) per second of rollout",
+    "update_tokens_per_s": "trained tokens (prompt + completion, all ranks) per second of update",
+    "rollout_seconds": "wall-clock seconds of the rollout stage",
+    "update_seconds": "wall-clock seconds of the update stage",
+    "step_seconds": "wall-clock seconds of the whole step (rollout + scoring + update)",
+    "eval/accuracy": "held-out accuracy: greedy answers on data.eval_size problems graded correct",
+    "eval/format_rate": "held-out fraction of greedy answers meeting the format reward",
+}
+
+
+def glossary_key(key: str) -> str:
+    """The METRICS entry that defines ``key`` (``reward/accuracy`` -> ``reward/<name>``)."""
+    if key in METRICS:
+        return key
+    prefix = key.split("/", 1)[0]
+    for pattern in (f"{prefix}/<name>", f"{prefix}/<other>"):
+        if pattern in METRICS:
+            return pattern
+    raise KeyError(f"metric '{key}' is not defined in aapo_app.metrics.METRICS")
+
+
+SUMMED = {"rollout_tokens", "update_tokens"}
+
+
+def format_line(m: dict) -> str:
+    """The compact one-line summary printed every ``train.log_every`` steps."""
+    parts = [f"step {int(m['step'])}"]
+    for key, label in (("reward/mean", "r"), ("ref_reward/mean", "r_ref"), ("accuracy", "acc"),
+                       ("format_rate", "fmt"), ("loss", "loss"), ("grad_norm", "gnorm"),
+                       ("completion_len/mean", "len"), ("algo/zero_std_group_frac", "zstd"),
+                       ("rollout_tokens_per_s", "gen tok/s"), ("step_seconds", "s")):
+        if key in m:
+            value = m[key]
+            parts.append(f"{label} {value:.3g}" if abs(value) < 1000 else f"{label} {value:.0f}")
+    return " | ".join(parts)

@@ -1,0 +1,134 @@
+"""Stage 1, rollout: G policy samples and G reference samples per prompt, same sampling settings.
+
+Completions are cut at the first EOS (kept, counted in the mask), everything after it is padding,
+and a completion that reaches ``max_new_tokens`` without EOS is marked truncated.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+
+from aapo_app.batches import RolloutBatch, Samples
+from aapo_app.data import PromptExample
+
+
+def stream_seed(*parts) -> int:
+    """A deterministic 31-bit seed from (run seed, step, rank, stream name, ...)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def eos_token_ids(tokenizer, model_config=None) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[P, T_p]`` ids and bool mask. Chat-templated text already has its specials."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
+def finish_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   completion_ids: torch.Tensor, eos_ids: list[int], max_new_tokens: int) -> Samples:
+    """Cut completions ``[N, T_c]`` at the first EOS and build masks, lengths and texts."""
+    n, width = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, dtype=completion_ids.dtype))
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full((n,), width))
+    lengths = torch.where(has_eos, first_eos + 1, torch.full((n,), width))  # EOS counts as a token
+    completion_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # [N, T_c]
+    pad = tokenizer.pad_token_id
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad)
+    truncated = ~has_eos & (lengths >= max_new_tokens)
+    text_ids = completion_ids.masked_fill(~completion_mask, pad)
+    texts = tokenizer.batch_decode(
+        [row[:length].tolist() for row, length in zip(text_ids, lengths.tolist())], skip_special_tokens=True
+    )
+    return Samples(
+        sequences=torch.cat([prompt_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+        completion_mask=completion_mask,
+        prompt_width=prompt_ids.shape[1],
+        texts=texts,
+        lengths=lengths,
+        truncated=truncated,
+    )
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
+           max_new_tokens: int, temperature: float | None, top_p: float = 1.0, top_k: int = 0,
+           seed: int, generation_batch_size: int = 0, eos_ids: list[int]) -> Samples:
+    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None)."""
+    from aapo_app.engine import device
+
+    ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [P*G, T_p], prompt-major
+    mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    chunk = generation_batch_size or ids.shape[0]
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+                  synced_gpus=model.synced_gpus, use_cache=True)
+    if temperature is None:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    dev = device()
+    pieces = []
+    with model.generation_mode() as gen:
+        torch.manual_seed(seed)
+        for start in range(0, ids.shape[0], chunk):
+            out = gen.generate(input_ids=ids[start:start + chunk].to(dev),
+                               attention_mask=mask[start:start + chunk].long().to(dev), **kwargs)
+            pieces.append(out[:, ids.shape[1]:].cpu())
+    width = max(p.shape[1] for p in pieces)
+    completion = torch.full((ids.shape[0], width), tokenizer.pad_token_id, dtype=ids.dtype)
+    row = 0
+    for p in pieces:
+        completion[row:row + p.shape[0], :p.shape[1]] = p
+        row += p.shape[0]
+    return finish_samples(tokenizer, ids, mask, completion, eos_ids, max_new_tokens)
+
+
+@torch.no_grad()
+def reference_logprobs(reference, samples: Samples, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """Reference log-probs ``[N, T_c]`` of the policy's completion tokens (for KL baselines)."""
+    from aapo_app.engine import device
+
+    dev = device()
+    parts = []
+    for start in range(0, samples.sequences.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        parts.append(reference.completion_logprobs(samples.sequences[sl].to(dev), samples.attention_mask[sl].to(dev),
+                                                   samples.prompt_width, temperature).float().cpu())
+    return torch.cat(parts, dim=0)
+
+
+def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts: list[str], *, cfg, algorithm,
+            seed: int, step: int, rank: int, micro_batch_size: int, add_special_tokens: bool,
+            eos_ids: list[int]) -> RolloutBatch:
+    """Sample the policy group (and the reference group / reference log-probs the algorithm needs)."""
+    start = time.perf_counter()
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, add_special_tokens)
+    common = dict(num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                  top_p=cfg.top_p, top_k=cfg.top_k, generation_batch_size=cfg.generation_batch_size,
+                  eos_ids=eos_ids)
+    policy_samples = sample(policy, tokenizer, prompt_ids, prompt_mask,
+                            seed=stream_seed(seed, step, rank, "policy"), **common)
+    ref_samples = ref_logp = None
+    if algorithm.uses_reference_samples:
+        ref_samples = sample(reference, tokenizer, prompt_ids, prompt_mask,
+                             seed=stream_seed(seed, step, rank, "reference"), **common)
+    if algorithm.uses_reference_logprobs:
+        ref_logp = reference_logprobs(reference, policy_samples, cfg.temperature, micro_batch_size)
+    return RolloutBatch(examples=examples, group_size=cfg.group_size, policy=policy_samples,
+                        reference=ref_samples, ref_logprobs=ref_logp, seconds=time.perf_counter() - start)

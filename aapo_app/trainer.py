@@ -1,0 +1,238 @@
+"""The training loop: rollout -> scoring -> update, once per step, on every rank.
+
+Data parallelism: each rank draws its own ``rollout.prompts_per_rank`` prompts (disjoint slices of
+one global batch), samples all G completions of each of them itself, so a prompt group never
+spans ranks and the group statistics need no communication. DeepSpeed averages the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from aapo_app import metrics as M
+from aapo_app.algorithms import build_algorithm
+from aapo_app.config import RunConfig
+from aapo_app.data import PromptSampler, load_examples, render_prompt
+from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
+from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, broadcast_object, init_distributed
+from aapo_app.errors import AapoError
+from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
+from aapo_app.rewards import RewardModel
+from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample, stream_seed
+from aapo_app.scoring import score
+from aapo_app.update import update
+
+FORMAT_REWARDS = ("boxed_format", "format", "tag_format")
+
+
+def _format_key(names) -> str | None:
+    return next((n for n in FORMAT_REWARDS if n in names), None)
+
+
+def reduce_metrics(local: dict[str, float]) -> dict[str, float]:
+    """Average every metric over ranks (same keys on every rank; sums for SUMMED keys)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    keys = sorted(local)
+    totals = all_reduce_sum([local[k] for k in keys])
+    return {k: (t if k in M.SUMMED else t / world) for k, t in zip(keys, totals)}
+
+
+class Trainer:
+    """Builds the engines, data, rewards and algorithm of a run and drives the steps."""
+
+    def __init__(self, cfg: RunConfig, ds_config: str | None = None, ref_ds_config: str | None = None):
+        self.cfg = cfg
+        # everything that can fail on user input is checked before the (slow) engines are built
+        ds_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
+        ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
+        self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+        resolve_model_path(cfg.model.path, convert=False)
+        self.train_examples, self.eval_examples = load_examples(cfg.data, cfg.train.seed)
+
+        self.rank, self.world = init_distributed()
+        self.ds_policy = fill_ds_config(ds_policy, cfg, self.world)
+        self.ds_ref = fill_ds_config(ds_ref, cfg, self.world, training=False)
+        self.sampler = PromptSampler(self.train_examples, cfg.rollout.prompts_per_rank, self.rank, self.world,
+                                     cfg.train.seed)
+        random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+
+        if self.rank == 0:
+            model_path = resolve_model_path(cfg.model.path)  # converts a GGUF once, on rank 0 first
+        barrier()
+        model_path = resolve_model_path(cfg.model.path) if self.rank else model_path
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path)
+        self.chat = bool(cfg.data.use_chat_template and self.tokenizer.chat_template)
+        # accuracy is always measured (weight 0 when it is not a training reward), and graded held out
+        weights = {"accuracy": 0.0, **cfg.rewards.weights}
+        self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers)
+        self.format_key = _format_key(weights)
+        self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
+
+        self.output_dir = Path(broadcast_object(self._make_output_dir() if self.rank == 0 else None))
+        self.policy = ZeroModel(load_causal_lm(model_path), self.ds_policy, trainable=True,
+                                gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.reference = None
+        if self.algorithm.uses_reference_samples or self.algorithm.uses_reference_logprobs:
+            self.reference = ZeroModel(load_causal_lm(model_path), self.ds_ref, trainable=False,
+                                       gather=cfg.rollout.gather)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
+        self.history: list[dict] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _make_output_dir(self) -> str:
+        out = self.cfg.output_dir
+        if not out:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            out = f"runs/{self.cfg.algorithm.name}-{stamp}"
+        path = Path(out)
+        if path.exists() and (path / "metrics.jsonl").exists():
+            raise AapoError(f"--output-dir: '{path}' already holds a run; choose a new directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (path / "ds_config.json").write_text(json.dumps(self.ds_policy, indent=2))
+            (path / "ds_config_reference.json").write_text(json.dumps(self.ds_ref, indent=2))
+        except OSError as exc:
+            raise AapoError(f"--output-dir: cannot write to '{path}' ({exc.strerror}); choose a writable directory") from exc
+        return str(path)
+
+    def _prompts(self, examples) -> list[str]:
+        return [render_prompt(self.tokenizer, ex.problem, self.cfg.data) for ex in examples]
+
+    def log_rollout(self, step: int, scored) -> None:
+        """Append this rank's groups to ``rollouts/rank<r>.jsonl`` (prompt, completions, rewards)."""
+        if not self.cfg.train.log_rollouts:
+            return
+        batch, G = scored.rollout, scored.rollout.group_size
+        path = self.output_dir / "rollouts" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            for i, ex in enumerate(batch.examples):
+                rows = slice(i * G, (i + 1) * G)
+                record = {
+                    "step": step, "rank": self.rank, "prompt_id": ex.id, "problem": ex.problem, "answer": ex.answer,
+                    "completions": batch.policy.texts[rows], "rewards": scored.rewards[i].tolist(),
+                    "advantages": scored.advantages[i].tolist(),
+                    "reward_parts": {k: v[i].tolist() for k, v in scored.reward_parts.items()},
+                }
+                if batch.reference is not None:
+                    record["ref_completions"] = batch.reference.texts[rows]
+                    record["ref_rewards"] = scored.ref_rewards[i].tolist()
+                f.write(json.dumps(record) + "\n")
+
+    def log(self, m: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy (and format rate), problems sharded over ranks."""
+        shard = self.eval_examples[self.rank::self.world]
+        correct = formatted = 0.0
+        if shard:
+            ids, mask = encode_prompts(self.tokenizer, self._prompts(shard), not self.chat)
+            samples = sample(self.policy, self.tokenizer, ids, mask, num_samples=1,
+                             max_new_tokens=self.cfg.train.eval_max_new_tokens, temperature=None,
+                             seed=0, eos_ids=self.eos_ids, generation_batch_size=self.cfg.rollout.generation_batch_size)
+            answers, lengths = [ex.answer for ex in shard], samples.lengths.tolist()
+            correct = sum(self.eval_rewards["accuracy"](samples.texts, answers, lengths))
+            if self.format_key:
+                formatted = sum(self.eval_rewards[self.format_key](samples.texts, answers, lengths))
+        else:  # ZeRO-3 gathers are collective: ranks without problems still take part
+            with self.policy.generation_mode():
+                pass
+        total, correct, formatted = all_reduce_sum([len(shard), correct, formatted])
+        result = {"eval/accuracy": correct / total}
+        if self.format_key:
+            result["eval/format_rate"] = formatted / total
+        return result
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        examples = self.sampler.next_batch()
+        batch = rollout(self.policy, self.reference, self.tokenizer, examples, self._prompts(examples),
+                        cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
+                        micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
+                        eos_ids=self.eos_ids)
+        scored = score(batch, self.rewards, self.algorithm)
+        self.log_rollout(step, scored)
+        upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.train.micro_batch_size,
+                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+        pol = batch.policy
+        local = dict(scored.diagnostics)
+        local.update({k: v for k, v in upd.items() if k not in ("update_tokens", "update_seconds")})
+        local["completion_len/mean"] = float(pol.lengths.float().mean())
+        local["truncated_frac"] = float(pol.truncated.float().mean())
+        local["rollout_tokens"] = float(pol.num_tokens + (batch.reference.num_tokens if batch.reference else 0))
+        local["update_tokens"] = upd["update_tokens"]
+        local["rollout_seconds"] = batch.seconds
+        local["update_seconds"] = upd["update_seconds"]
+        local["step_seconds"] = time.perf_counter() - t0
+        m = reduce_metrics(local)
+        m["rollout_tokens_per_s"] = m.pop("rollout_tokens") / max(m["rollout_seconds"], 1e-9)
+        m["update_tokens_per_s"] = m.pop("update_tokens") / max(m["update_seconds"], 1e-9)
+        if "reward/accuracy" in m:
+            m["accuracy"] = m["reward/accuracy"]
+        if self.format_key and f"reward/{self.format_key}" in m:
+            m["format_rate"] = m[f"reward/{self.format_key}"]
+        return {"step": step, **m}
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        steps = cfg.train.max_steps
+        before = self.evaluate()
+        if self.rank == 0:
+            tqdm.write(f"held-out accuracy before training: {100 * before['eval/accuracy']:.1f}% "
+                       f"({len(self.eval_examples)} problems)", file=sys.stderr)
+            self.log({"step": 0, **before})
+        bar = tqdm(range(1, steps + 1), desc=f"aapo train [{cfg.algorithm.name}]", unit="step",
+                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        for step in bar:
+            m = self.step(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+                m.update(self.evaluate())
+            if step == steps:
+                m.update(self.evaluate())
+            self.history.append(m)
+            self.log(m)
+            if self.rank == 0:
+                bar.set_postfix(r=f"{m['reward/mean']:.2f}", loss=f"{m['loss']:.3g}")
+                if step % cfg.train.log_every == 0 or step == steps:
+                    tqdm.write(M.format_line(m), file=sys.stderr)
+            if not math.isfinite(m["loss"]):
+                raise AapoError("loss became non-finite; lower train.learning_rate or check the rewards")
+        after = self.history[-1]
+        summary = {
+            "output_dir": str(self.output_dir),
+            "algorithm": cfg.algorithm.name,
+            "steps": steps,
+            "eval_before": before["eval/accuracy"],
+            "eval_after": after["eval/accuracy"],
+            "eval_format_before": before.get("eval/format_rate"),
+            "eval_format_after": after.get("eval/format_rate"),
+            "eval_problems": len(self.eval_examples),
+        }
+        if self.rank == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def close(self) -> None:
+        self.rewards.close()

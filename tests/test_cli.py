@@ -1,0 +1,88 @@
+"""The CLI: bad input gives one line, exit 2, no traceback; and a real end-to-end run on SmolLM2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from aapo_app.cli import main
+
+FAST = ["rollout.max_new_tokens=4", "data.eval_size=2", "rewards.num_workers=1"]
+
+
+def run_cli(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=True)
+    return result.exit_code, result.output, result.exception
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def bad_inputs(tmp_path):
+    nocol = _write(tmp_path / "nocol.jsonl", '{"question": "1+1?", "answer": "2"}\n')
+    empty = _write(tmp_path / "empty.jsonl", "")
+    bad_yaml = _write(tmp_path / "bad.yaml", "rollout: [group_size: 4\n")
+    return [
+        # (args, words the one-line error must contain)
+        (["model.path=/nonexistent/model"], ["model.path", "does not exist"]),
+        (["algorithm.name=ppo2"], ["algorithm.name", "aapo"]),
+        (["rollout.group_size=1"], ["rollout.group_size", "> 1"]),
+        (["rollout.prompts_per_rank=3", "rollout.group_size=4", "train.micro_batch_size=5"],
+         ["train.micro_batch_size", "divide"]),
+        ([f"data.source={nocol}"], ["data.problem_column", "question"]),
+        ([f"data.source={empty}"], ["data.source", "empty"]),
+        (["rollout.group_sise=4"], ["rollout.group_sise", "valid keys"]),
+        (["rollout.group_size=four"], ["rollout.group_size", "int"]),
+        (["--config", bad_yaml], ["--config", "YAML"]),
+        (["--config", str(tmp_path / "missing.yaml")], ["--config", "no file"]),
+        (["--ds-config", str(tmp_path / "missing.json")], ["--ds-config"]),
+        (["rewards.weights={nope: 1.0}"], ["rewards.weights", "nope"]),
+        (["algorithm.delta_low=0.5"], ["algorithm.delta_low"]),
+    ]
+
+
+def test_bad_input_one_line_exit_2(tmp_path):
+    runs = tmp_path / "runs"
+    for args, words in bad_inputs(tmp_path):
+        code, output, exc = run_cli(["train", "--output-dir", str(runs / "x"), *args, *FAST])
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        assert code == 2, (args, output, exc)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, output)
+        assert "Traceback" not in output
+        for word in words:
+            assert word in lines[0], (args, word, lines[0])
+    assert not (runs / "x" / "metrics.jsonl").exists()
+
+
+def test_help_lists_every_option():
+    code, output, _ = run_cli(["train", "--help"])
+    assert code == 0
+    for opt in ("--config", "--ds-config", "--ref-ds-config", "--output-dir", "--max-steps", "--seed", "--help-config"):
+        assert opt in output
+    code, output, _ = run_cli(["train", "--help-config"])
+    assert code == 0 and "rollout.group_size" in output and "algorithm.delta_low" in output
+
+
+@pytest.mark.slow
+def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
+    """`aapo train` through the real CLI entry point on the embedded SmolLM2, one tiny step."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aapo_app", "train", "--max-steps", "1", "--output-dir", str(out),
+           "rollout.group_size=2", "rollout.prompts_per_rank=2", "rollout.max_new_tokens=12",
+           "train.micro_batch_size=2", "data.eval_size=2", "train.eval_max_new_tokens=12", "rewards.num_workers=1"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out accuracy:" in proc.stdout and f"run directory: {out}" in proc.stdout
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    assert lines[1]["completion_len/mean"] > 0 and lines[1]["rollout_tokens_per_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["eval_before"] <= 1.0 and summary["eval_problems"] == 2
+    groups = [json.loads(x) for x in (out / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(groups) == 2 and all(len(g["ref_completions"]) == 2 for g in groups)

@@ -1,0 +1,146 @@
+"""Integration: the real DeepSpeed ZeRO-3 engines on CPU with a tiny random Llama, 1 rank in-process.
+
+(2 ranks run through torchrun in tests/test_multirank.py.)
+"""
+
+import json
+
+import deepspeed
+import pytest
+import torch
+
+from aapo_app.config import load_run_config
+from aapo_app.metrics import glossary_key
+from aapo_app.rollout import encode_prompts, rollout, stream_seed
+from aapo_app.trainer import Trainer
+
+
+def tiny_overrides(model_dir, out_dir, *extra):
+    return [
+        f"model.path={model_dir}", f"output_dir={out_dir}", "rollout.group_size=4", "rollout.prompts_per_rank=2",
+        "rollout.max_new_tokens=6", "train.micro_batch_size=4", "train.max_steps=2", "data.eval_size=4",
+        "train.eval_max_new_tokens=6", "rewards.num_workers=1", "train.learning_rate=1e-3",
+        "rewards.weights={test_char_length: 1.0, boxed_format: 0.5}", *extra,
+    ]
+
+
+def full_params(zero_model) -> dict[str, torch.Tensor]:
+    """Unpartitioned copies of every parameter of a ZeRO-3 model."""
+    params = dict(zero_model.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.data.clone() for name, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """Two AAPO steps on the tiny model; returns the trainer and parameter snapshots."""
+    out = tmp_path_factory.mktemp("runs") / "aapo"
+    trainer = Trainer(load_run_config(None, tiny_overrides(tiny_model_dir, out)))
+    before_policy, before_ref = full_params(trainer.policy), full_params(trainer.reference)
+    summary = trainer.train()
+    yield trainer, summary, before_policy, before_ref
+    trainer.close()
+
+
+def test_two_steps_change_policy_not_reference(trained):
+    trainer, summary, before_policy, before_ref = trained
+    after_policy, after_ref = full_params(trainer.policy), full_params(trainer.reference)
+    assert after_ref.keys() == before_ref.keys()
+    for name in before_ref:  # the reference is frozen: bit-identical
+        assert torch.equal(after_ref[name], before_ref[name]), name
+    changed = [n for n in before_policy if not torch.equal(before_policy[n], after_policy[n])]
+    assert len(changed) == len(before_policy), f"unchanged policy params: {set(before_policy) - set(changed)}"
+    assert trainer.policy.engine.training and trainer.policy.module.training
+    assert not trainer.reference.module.training
+    assert summary["steps"] == 2 and 0.0 <= summary["eval_after"] <= 1.0
+
+
+def test_metrics_written_and_defined(trained):
+    trainer, *_ = trained
+    lines = [json.loads(x) for x in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    for m in lines[1:]:
+        for key in m:
+            glossary_key(key)  # raises if a logged key is not defined in metrics.METRICS
+        for key in ("reward/mean", "ref_reward/mean", "accuracy", "format_rate", "advantage/mean",
+                    "algo/zero_std_group_frac", "algo/clip_low_frac", "algo/clip_high_frac", "loss",
+                    "grad_norm", "completion_len/mean", "truncated_frac", "rollout_tokens_per_s",
+                    "update_tokens_per_s", "step_seconds"):
+            assert key in m, key
+    assert "eval/accuracy" in lines[0] and "eval/accuracy" in lines[-1]
+    groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(groups) == 2 * 2 and all(len(g["completions"]) == 4 == len(g["ref_completions"]) for g in groups)
+
+
+def test_generation_mode_returns_to_training_and_repartitions(trained):
+    trainer, *_ = trained
+    with trainer.policy.generation_mode() as gen:
+        assert not gen.training
+        assert all(p.numel() > 0 for p in gen.parameters())
+    assert trainer.policy.module.training
+    # after release ZeRO-3 holds partitions again (1 rank: ds_tensor holds everything, param.data is empty)
+    assert all(p.data.numel() == 0 for p in trainer.policy.module.parameters())
+
+
+def test_reference_group_is_sampled_from_reference_weights(trained, tiny_model_dir):
+    """Make the policy differ from the reference; each group must match its own model's samples."""
+    from transformers import AutoModelForCausalLM
+
+    trainer, *_ = trained
+    lm_head = trainer.policy.module.lm_head.weight
+    with deepspeed.zero.GatheredParameters([lm_head], modifier_rank=0):
+        lm_head.data.mul_(25.0)  # a much sharper policy
+    policy_weights = full_params(trainer.policy)
+    ref_weights = full_params(trainer.reference)
+
+    examples = trainer.train_examples[:2]
+    prompts = trainer._prompts(examples)
+    step, cfg = 7, trainer.cfg
+    batch = rollout(trainer.policy, trainer.reference, trainer.tokenizer, examples, prompts, cfg=cfg.rollout,
+                    algorithm=trainer.algorithm, seed=cfg.train.seed, step=step, rank=0,
+                    micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=False, eos_ids=trainer.eos_ids)
+
+    ids, mask = encode_prompts(trainer.tokenizer, prompts, add_special_tokens=False)
+    G = cfg.rollout.group_size
+
+    def plain_samples(weights, stream):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.load_state_dict(weights)
+        model.eval()
+        torch.manual_seed(stream_seed(cfg.train.seed, step, 0, stream))
+        out = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0).long(),
+                             do_sample=True, temperature=cfg.rollout.temperature, top_p=1.0, top_k=None,
+                             max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=trainer.tokenizer.pad_token_id,
+                             eos_token_id=trainer.eos_ids)
+        return out[:, ids.shape[1]:]
+
+    width = ids.shape[1]
+    ref_expected = plain_samples(ref_weights, "reference")
+    pol_expected = plain_samples(policy_weights, "policy")
+    got_ref = batch.reference.sequences[:, width:width + ref_expected.shape[1]]
+    got_pol = batch.policy.sequences[:, width:width + pol_expected.shape[1]]
+    assert torch.equal(got_ref, ref_expected)
+    assert torch.equal(got_pol, pol_expected)
+    # and the two groups really differ (not the policy's samples reused, not the prompt tokens)
+    assert not torch.equal(got_ref, got_pol)
+    assert not torch.equal(got_ref[:, : min(width, got_ref.shape[1])], ids.repeat_interleave(G, 0)[:, : got_ref.shape[1]])
+    # undo for the other tests of this module
+    with deepspeed.zero.GatheredParameters([lm_head], modifier_rank=0):
+        lm_head.data.div_(25.0)
+
+
+@pytest.mark.parametrize("name,extra", [("grpo", ["algorithm.beta=0.04"]), ("gpg", [])])
+def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / name, f"algorithm.name={name}",
+                                               "train.max_steps=1", *extra))
+    trainer = Trainer(cfg)
+    try:
+        before = full_params(trainer.policy)
+        trainer.train()
+        after = full_params(trainer.policy)
+    finally:
+        trainer.close()
+    assert (trainer.reference is not None) == (name == "grpo")  # only GRPO's KL needs the reference
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "ref_reward/mean" not in last
