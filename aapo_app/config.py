@@ -47,7 +47,7 @@ class RolloutConfig:
 
     group_size: int = _f(4, "G: completions sampled per prompt from the policy (and G from the reference)")
     prompts_per_rank: int = _f(2, "prompts per optimizer step on each data-parallel rank; groups never span ranks")
-    max_new_tokens: int = _f(48, "completion length limit; a completion that reaches it without EOS is truncated")
+    max_new_tokens: int = _f(40, "completion length limit; a completion that reaches it without EOS is truncated")
     temperature: float = _f(0.7, "sampling temperature; log-probs in the loss use logits / temperature too")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
@@ -114,15 +114,15 @@ class AlgorithmConfig:
 class TrainConfig:
     """Optimisation settings of the update stage."""
 
-    max_steps: int = _f(10, "optimizer steps (one rollout and one update each)")
-    learning_rate: float = _f(2e-5, "AdamW learning rate")
+    max_steps: int = _f(8, "optimizer steps (one rollout and one update each)")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
-    micro_batch_size: int = _f(4, "sequences per forward/backward; accumulation = prompts_per_rank*G/micro_batch_size")
+    micro_batch_size: int = _f(8, "sequences per forward/backward; accumulation = prompts_per_rank*G/micro_batch_size")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     eval_every: int = _f(0, "held-out evaluation every N steps (0 = only before and after training)")
-    eval_max_new_tokens: int = _f(48, "completion length limit of the greedy held-out evaluation")
+    eval_max_new_tokens: int = _f(40, "completion length limit of the greedy held-out evaluation")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     log_rollouts: bool = _f(True, "append every group (prompt, completions, rewards, advantages) to rollouts/rank<r>.jsonl")
 

@@ -84,7 +84,8 @@ class Trainer:
 
         self.output_dir = Path(broadcast_object(self._make_output_dir() if self.rank == 0 else None))
         self.policy = ZeroModel(load_causal_lm(model_path), self.ds_policy, trainable=True,
-                                gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         self.reference = None
         if self.algorithm.uses_reference_samples or self.algorithm.uses_reference_logprobs:
             self.reference = ZeroModel(load_causal_lm(model_path), self.ds_ref, trainable=False,
