@@ -25,6 +25,8 @@ from datetime import timedelta
 import torch
 import torch.nn as nn
 
+from aapo_app.errors import AapoError
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +141,29 @@ class SharedView:
 # the engines
 
 
+# architectures for which DeepSpeed's hybrid engine has inference containers (SPEC section 9)
+HYBRID_ENGINE_MODEL_TYPES = ("opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm")
+
+
+def check_hybrid_engine(config=None) -> None:
+    """DeepSpeed's own hybrid engine: CUDA inference kernels for a few architectures only, and
+    (seen on an H100 with DeepSpeed 0.19.8) without grouped-query attention: its fused QKV weight
+    assumes as many key/value heads as query heads. ``config=None`` checks only for CUDA."""
+    if not torch.cuda.is_available():
+        raise AapoError("rollout.deepspeed_hybrid_engine=true needs CUDA (DeepSpeed's inference kernels); "
+                        "set it to false to use aapo's own generation mode")
+    if config is None:
+        return
+    if config.model_type not in HYBRID_ENGINE_MODEL_TYPES:
+        raise AapoError(f"rollout.deepspeed_hybrid_engine: DeepSpeed has no hybrid-engine kernels for "
+                        f"'{config.model_type}' (only {', '.join(HYBRID_ENGINE_MODEL_TYPES)}); set it to false")
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None and kv_heads != heads:
+        raise AapoError(f"rollout.deepspeed_hybrid_engine: DeepSpeed's hybrid-engine kernels do not support "
+                        f"grouped-query attention (num_key_value_heads={kv_heads} != num_attention_heads={heads}); "
+                        f"set it to false")
+
+
 class ZeroModel:
     """A causal LM inside a DeepSpeed engine, with a generation mode and log-prob scoring.
 
@@ -147,9 +172,16 @@ class ZeroModel:
     """
 
     def __init__(self, model: nn.Module, ds_config: dict, trainable: bool, gather: str = "full",
-                 gradient_checkpointing: bool = False, learning_rate: float = 1e-6, weight_decay: float = 0.0):
+                 gradient_checkpointing: bool = False, learning_rate: float = 1e-6, weight_decay: float = 0.0,
+                 hybrid_engine: bool = False, max_out_tokens: int = 512):
         import deepspeed
 
+        self.hybrid_engine = hybrid_engine and trainable
+        if self.hybrid_engine:
+            check_hybrid_engine(model.config)
+            ds_config = {**ds_config, "hybrid_engine": {
+                "enabled": True, "max_out_tokens": max_out_tokens, "inference_tp_size": 1,
+                "release_inference_cache": False, "pin_parameters": True, "tp_gather_partition_size": 8}}
         self.trainable = trainable
         self.gather = gather
         self.gradient_checkpointing = gradient_checkpointing
@@ -186,7 +218,9 @@ class ZeroModel:
 
         self.engine.eval()
         try:
-            if self.gather == "layerwise":
+            if self.hybrid_engine:  # DeepSpeed's engine.eval() swapped in its kernels and patched generate
+                yield self.module
+            elif self.gather == "layerwise":
                 use_cache = self.module.config.use_cache
                 self.module.config.use_cache = True
                 try:
@@ -211,7 +245,8 @@ class ZeroModel:
         """Layer-wise ZeRO-3 generation needs every rank to keep stepping until all are done."""
         import torch.distributed as dist
 
-        return self.gather == "layerwise" and self.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+        per_layer = self.gather == "layerwise" or self.hybrid_engine
+        return per_layer and self.stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
 
     # -- scoring -----------------------------------------------------------------------------
     def completion_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor,

@@ -24,7 +24,7 @@ from aapo_app.algorithms import build_algorithm
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
 from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, broadcast_object, init_distributed
+from aapo_app.engine import ZeroModel, check_hybrid_engine, all_reduce_sum, barrier, broadcast_object, init_distributed
 from aapo_app.errors import AapoError
 from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
 from aapo_app.rewards import RewardModel
@@ -59,6 +59,8 @@ class Trainer:
         ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
         resolve_model_path(cfg.model.path, convert=False)
+        if cfg.rollout.deepspeed_hybrid_engine:
+            check_hybrid_engine()
         self.train_examples, self.eval_examples = load_examples(cfg.data, cfg.train.seed)
 
         self.rank, self.world = init_distributed()
@@ -85,7 +87,9 @@ class Trainer:
         self.output_dir = Path(broadcast_object(self._make_output_dir() if self.rank == 0 else None))
         self.policy = ZeroModel(load_causal_lm(model_path), self.ds_policy, trainable=True,
                                 gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+                                learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
+                                max_out_tokens=cfg.rollout.max_new_tokens + 1024)
         self.reference = None
         if self.algorithm.uses_reference_samples or self.algorithm.uses_reference_logprobs:
             self.reference = ZeroModel(load_causal_lm(model_path), self.ds_ref, trainable=False,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from aapo_app.cli import main
@@ -27,7 +28,7 @@ def bad_inputs(tmp_path):
     nocol = _write(tmp_path / "nocol.jsonl", '{"question": "1+1?", "answer": "2"}\n')
     empty = _write(tmp_path / "empty.jsonl", "")
     bad_yaml = _write(tmp_path / "bad.yaml", "rollout: [group_size: 4\n")
-    return [
+    cases = [
         # (args, words the one-line error must contain)
         (["model.path=/nonexistent/model"], ["model.path", "does not exist"]),
         (["algorithm.name=ppo2"], ["algorithm.name", "aapo"]),
@@ -43,7 +44,13 @@ def bad_inputs(tmp_path):
         (["--ds-config", str(tmp_path / "missing.json")], ["--ds-config"]),
         (["rewards.weights={nope: 1.0}"], ["rewards.weights", "nope"]),
         (["algorithm.delta_low=0.5"], ["algorithm.delta_low"]),
+        (["train.learning_rate=-1"], ["train.learning_rate", "> 0"]),
+        (["rollout.gather=sideways"], ["rollout.gather"]),
+        (["data.prompt_template=no placeholder"], ["data.prompt_template", "{problem}"]),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["rollout.deepspeed_hybrid_engine=true"], ["rollout.deepspeed_hybrid_engine", "CUDA"]))
+    return cases
 
 
 def test_bad_input_one_line_exit_2(tmp_path):

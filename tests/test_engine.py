@@ -144,3 +144,20 @@ def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert "ref_reward/mean" not in last
+
+
+def test_deepspeed_hybrid_engine_is_refused_where_its_kernels_cannot_run(smollm2_dir):
+    """SmolLM2 is a llama, but with grouped-query attention (3 kv heads, 9 heads), which DeepSpeed's
+    hybrid-engine QKV merge cannot hold (seen failing on an H100); on CPU there are no kernels at all."""
+    from transformers import AutoConfig
+
+    from aapo_app.engine import check_hybrid_engine
+    from aapo_app.errors import AapoError
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    if not torch.cuda.is_available():
+        with pytest.raises(AapoError, match="needs CUDA"):
+            check_hybrid_engine(config)
+        return
+    with pytest.raises(AapoError, match="grouped-query attention"):
+        check_hybrid_engine(config)
