@@ -28,7 +28,7 @@ from aapo_app.engine import ZeroModel, check_hybrid_engine, all_reduce_sum, barr
 from aapo_app.errors import AapoError
 from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
 from aapo_app.rewards import RewardModel
-from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample, stream_seed
+from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
 from aapo_app.scoring import score
 from aapo_app.update import update
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from aapo_app.batches import ScoredBatch
 
 

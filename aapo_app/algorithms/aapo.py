@@ -148,6 +148,22 @@ def pg_cross_entropy_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor) ->
     return LossOutput(loss=loss, stats=stats)
 
 
+class CrossEntropyPGAlgorithm(Algorithm):
+    """Base of the algorithms whose loss is the plain CE policy gradient (AAPO, GPG): no ratio, no KL."""
+
+    def loss(
+        self,
+        logprobs: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        old_logprobs: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        max_completion_length: int | None = None,
+    ) -> LossOutput:
+        # No ratio and no KL: old_logprobs and ref_logprobs are not read.
+        return pg_cross_entropy_loss(logprobs, mask, advantages)
+
+
 @dataclass
 class AAPOParams(AlgorithmParams):
     """Parameters of AAPO (``algorithm.<field>``)."""
@@ -173,7 +189,7 @@ class AAPOParams(AlgorithmParams):
 
 
 @register_algorithm
-class AAPO(Algorithm):
+class AAPO(CrossEntropyPGAlgorithm):
     """AAPO: group advantage plus clipped reference momentum, CE policy-gradient loss."""
 
     name = "aapo"
@@ -199,15 +215,3 @@ class AAPO(Algorithm):
             rewards, ref_rewards, delta_low=p.delta_low, delta_high=p.delta_high, eps=p.eps, clip=p.clip
         )
         return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
-
-    def loss(
-        self,
-        logprobs: Tensor,
-        mask: Tensor,
-        advantages: Tensor,
-        old_logprobs: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
-    ) -> LossOutput:
-        # No ratio and no KL: old_logprobs and ref_logprobs are not read.
-        return pg_cross_entropy_loss(logprobs, mask, advantages)

@@ -33,12 +33,10 @@ from typing import Literal
 from torch import Tensor
 
 from aapo_app.algorithms import register_algorithm
-from aapo_app.algorithms.aapo import CE_LOSS_METRICS, pg_cross_entropy_loss
+from aapo_app.algorithms.aapo import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
-    Algorithm,
     AlgorithmParams,
-    LossOutput,
     check_rewards,
     require_non_negative,
 )
@@ -94,7 +92,7 @@ class GPGParams(AlgorithmParams):
 
 
 @register_algorithm
-class GPG(Algorithm):
+class GPG(CrossEntropyPGAlgorithm):
     """GPG: group advantage over F_norm, rescaled by 1/α, CE policy-gradient loss."""
 
     name = "gpg"
@@ -111,15 +109,3 @@ class GPG(Algorithm):
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         advantages, diagnostics = gpg_advantages(rewards, f_norm=self.params.f_norm, eps=self.params.eps)
         return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
-
-    def loss(
-        self,
-        logprobs: Tensor,
-        mask: Tensor,
-        advantages: Tensor,
-        old_logprobs: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
-    ) -> LossOutput:
-        # No ratio and no KL: old_logprobs and ref_logprobs are not read.
-        return pg_cross_entropy_loss(logprobs, mask, advantages)
