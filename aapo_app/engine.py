@@ -146,12 +146,20 @@ HYBRID_ENGINE_MODEL_TYPES = ("opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "lla
 
 
 def check_hybrid_engine(config=None) -> None:
-    """DeepSpeed's own hybrid engine: CUDA inference kernels for a few architectures only, and
-    (seen on an H100 with DeepSpeed 0.19.8) without grouped-query attention: its fused QKV weight
-    assumes as many key/value heads as query heads. ``config=None`` checks only for CUDA."""
+    """DeepSpeed's own hybrid engine: CUDA inference kernels for a few architectures only. Seen on
+    an H100 with DeepSpeed 0.19.8: its LLaMA container cannot hold grouped-query attention (the
+    fused QKV weight assumes as many key/value heads as query heads), and with transformers 5 its
+    transformer layer receives the hidden states as a tuple and fails. ``config=None`` checks only
+    CUDA and the transformers version."""
     if not torch.cuda.is_available():
         raise AapoError("rollout.deepspeed_hybrid_engine=true needs CUDA (DeepSpeed's inference kernels); "
                         "set it to false to use aapo's own generation mode")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        raise AapoError("rollout.deepspeed_hybrid_engine: DeepSpeed's hybrid-engine containers do not fit "
+                        f"transformers {transformers.__version__}'s decoder layers (seen failing on an H100); "
+                        "set it to false (aapo's own generation mode) or use transformers 4.x")
     if config is None:
         return
     if config.model_type not in HYBRID_ENGINE_MODEL_TYPES:
