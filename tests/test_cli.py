@@ -93,3 +93,13 @@ def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
     assert 0.0 <= summary["eval_before"] <= 1.0 and summary["eval_problems"] == 2
     groups = [json.loads(x) for x in (out / "rollouts" / "rank0.jsonl").read_text().splitlines()]
     assert len(groups) == 2 and all(len(g["ref_completions"]) == 2 for g in groups)
+
+
+def test_readme_glossary_defines_every_metric():
+    from pathlib import Path
+
+    from aapo_app.metrics import METRICS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in METRICS:
+        assert f"| `{key}` |" in readme, key

@@ -53,6 +53,9 @@ def test_two_steps_change_policy_not_reference(trained):
     assert trainer.policy.engine.training and trainer.policy.module.training
     assert not trainer.reference.module.training
     assert summary["steps"] == 2 and 0.0 <= summary["eval_after"] <= 1.0
+    # 8 sequences per rank in micro-batches of 4: 2 accumulation steps, one optimizer step per rollout
+    assert trainer.policy.engine.gradient_accumulation_steps() == 2
+    assert trainer.policy.engine.global_steps == 2
 
 
 def test_metrics_written_and_defined(trained):
@@ -164,3 +167,39 @@ def test_deepspeed_hybrid_engine_is_refused_where_its_kernels_cannot_run(smollm2
     expected = "transformers" if int(transformers.__version__.split(".")[0]) >= 5 else "grouped-query attention"
     with pytest.raises(AapoError, match=expected):
         check_hybrid_engine(config)
+
+
+def test_layerwise_generation_matches_full_gather(trained):
+    """rollout.gather=layerwise samples on the partitioned model through ZeRO-3's hooks; greedy
+    completions must equal those of the full-gather view."""
+    from aapo_app.rollout import sample
+
+    trainer, *_ = trained
+    ids, mask = encode_prompts(trainer.tokenizer, trainer._prompts(trainer.eval_examples[:3]), add_special_tokens=False)
+    kwargs = dict(num_samples=1, max_new_tokens=6, temperature=None, seed=0, eos_ids=trainer.eos_ids)
+    full = sample(trainer.policy, trainer.tokenizer, ids, mask, **kwargs)
+    trainer.policy.gather = "layerwise"
+    try:
+        layerwise = sample(trainer.policy, trainer.tokenizer, ids, mask, **kwargs)
+    finally:
+        trainer.policy.gather = "full"
+    assert torch.equal(full.sequences, layerwise.sequences)
+    assert trainer.policy.module.training
+
+
+def test_local_dataset_with_columns_and_system_prompt(tiny_model_dir, shared_dir, tmp_path):
+    """A real local file (MATH train) with configured columns and a system prompt, one step."""
+    source = shared_dir / "datasets" / "math_train" / "math_train.json"
+    cfg = load_run_config(None, tiny_overrides(
+        tiny_model_dir, tmp_path / "math", f"data.source={source}", "data.problem_column=problem",
+        "data.answer_column=answer", "data.system_prompt=Reason step by step.", "train.max_steps=1",
+        "data.eval_size=2", "data.max_train_examples=64"))
+    trainer = Trainer(cfg)
+    try:
+        assert "Reason step by step." in trainer._prompts(trainer.train_examples[:1])[0]
+        trainer.train()
+    finally:
+        trainer.close()
+    problems = {ex.problem for ex in trainer.train_examples}
+    groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(groups) == 2 and all(g["problem"] in problems for g in groups)

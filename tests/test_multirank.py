@@ -48,10 +48,12 @@ def check_data_parallel_run(out):
         assert len(r0) == len(r1) == 2 and not set(r0) & set(r1), (step, r0, r1)
 
 
-def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("gather", ["full", "layerwise"])
+def test_torchrun_two_ranks(tiny_model_dir, tmp_path, gather):
+    """`layerwise` generates on the partitioned model with synced_gpus: ranks gather together."""
     out = tmp_path / "run"
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "aapo_app", *train_args(tiny_model_dir, out)])
+         "-m", "aapo_app", *train_args(tiny_model_dir, out), f"rollout.gather={gather}"])
     check_data_parallel_run(out)
 
 
