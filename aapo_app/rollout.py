@@ -20,11 +20,12 @@ def stream_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def eos_token_ids(tokenizer, model_config=None) -> list[int]:
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation-config EOS."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
     elif gen_eos:

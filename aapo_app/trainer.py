@@ -70,6 +70,11 @@ class Trainer:
                                      cfg.train.seed)
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
+        # rank 0 creates the run directory; a failure there must stop every rank, not leave them waiting
+        made = broadcast_object(self._make_output_dir() if self.rank == 0 else None)
+        if isinstance(made, AapoError):
+            raise made
+        self.output_dir = Path(made)
 
         if self.rank == 0:
             model_path = resolve_model_path(cfg.model.path)  # converts a GGUF once, on rank 0 first
@@ -84,7 +89,6 @@ class Trainer:
         self.format_key = _format_key(weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
-        self.output_dir = Path(broadcast_object(self._make_output_dir() if self.rank == 0 else None))
         self.policy = ZeroModel(load_causal_lm(model_path), self.ds_policy, trainable=True,
                                 gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
                                 learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
@@ -98,7 +102,13 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- helpers ------------------------------------------------------------------------------
-    def _make_output_dir(self) -> str:
+    def _make_output_dir(self) -> str | AapoError:
+        try:
+            return self._create_output_dir()
+        except AapoError as exc:
+            return exc
+
+    def _create_output_dir(self) -> str:
         out = self.cfg.output_dir
         if not out:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -103,3 +103,14 @@ def test_readme_glossary_defines_every_metric():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for key in METRICS:
         assert f"| `{key}` |" in readme, key
+
+
+def test_existing_run_directory_is_not_touched(tmp_path):
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, output, exc = run_cli(["train", "--output-dir", str(run_dir), *FAST])
+    assert code == 2, (output, exc)
+    assert output.strip().startswith("error: --output-dir") and "already holds a run" in output
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
