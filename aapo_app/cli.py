@@ -31,7 +31,7 @@ def _fail(message: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """AAPO and its baselines (GRPO, GPG) on a DeepSpeed ZeRO-3 hybrid engine."""
+    """AAPO and its baselines (GRPO, GPG, Dr. GRPO, DAPO) on a DeepSpeed ZeRO-3 hybrid engine."""
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

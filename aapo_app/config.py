@@ -84,6 +84,7 @@ class RewardsConfig:
     """Reward functions by name and their weights: r = sum_k w_k R_k (SPEC section 5)."""
 
     weights: dict = _f({"accuracy": 1.0, "boxed_format": 0.5}, "reward name -> weight")
+    params: dict = _f({}, "reward name -> its settings, e.g. {cosine: {max_len: 1000}} (see --help-config)")
     verify_timeout_s: float = _f(5.0, "wall-clock bound per answer verification; an overrun scores 0 and is counted")
     num_workers: int = _f(2, "grader worker processes per rank")
 
@@ -97,6 +98,12 @@ class RewardsConfig:
                 raise AapoError(f"rewards.weights: unknown reward '{name}'; choose from {', '.join(sorted(REWARDS))}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise AapoError(f"rewards.weights.{name} must be a number (got {weight!r})")
+        from aapo_app.rewards import build_reward_params
+
+        if not isinstance(self.params, dict):
+            raise AapoError("rewards.params must be a mapping of reward name -> settings")
+        for name, settings in self.params.items():
+            build_reward_params(name, settings)
         if not self.verify_timeout_s > 0:
             raise AapoError(f"rewards.verify_timeout_s must be > 0 (got {self.verify_timeout_s})")
         _positive("rewards.num_workers", self.num_workers)
@@ -106,7 +113,7 @@ class RewardsConfig:
 class AlgorithmConfig:
     """The algorithm by registry name and its parameters (see ``aapo_app.algorithms``)."""
 
-    name: str = _f("aapo", "aapo | grpo | gpg")
+    name: str = _f("aapo", "aapo | grpo | gpg | dr_grpo | dapo")
     params: Any = None  # the algorithm's Params dataclass, filled by the loader
 
 
@@ -321,6 +328,11 @@ def describe_config() -> str:
             lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
 
     walk(RunConfig, "")
+    from aapo_app.rewards import reward_params_help
+
+    for reward, fields in sorted(reward_params_help().items()):
+        for name, (default, text) in fields.items():
+            lines.append(f"  rewards.params.{reward}.{name} = {default!r}\n      {text}")
     from aapo_app.algorithms import ALGORITHMS
 
     for name in sorted(ALGORITHMS):

@@ -58,6 +58,9 @@ class Trainer:
         ds_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
         ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+        if getattr(cfg.algorithm.params, "dynamic_sampling", False):
+            raise AapoError("algorithm.dynamic_sampling=true: the trainer does not drop and refill groups yet; "
+                            "set it to false (every group is trained, zero-variance groups get advantage 0)")
         resolve_model_path(cfg.model.path, convert=False)
         if cfg.rollout.deepspeed_hybrid_engine:
             check_hybrid_engine()
@@ -85,7 +88,8 @@ class Trainer:
         self.chat = bool(cfg.data.use_chat_template and self.tokenizer.chat_template)
         # accuracy is always measured (weight 0 when it is not a training reward), and graded held out
         weights = {"accuracy": 0.0, **cfg.rewards.weights}
-        self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers)
+        self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers,
+                                   params=cfg.rewards.params)
         self.format_key = _format_key(weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 

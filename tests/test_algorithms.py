@@ -11,12 +11,15 @@ import torch
 from aapo_app.algorithms import (
     AAPO,
     ALGORITHMS,
+    DAPO,
     GPG,
     GRPO,
+    DrGRPO,
     aapo_advantages,
     aggregate_loss,
     algorithm_params_class,
     build_algorithm,
+    dapo_keep_mask,
     gpg_advantages,
     group_advantages,
     k3_kl,
@@ -412,8 +415,8 @@ def test_grpo_loss_is_finite_with_garbage_in_masked_positions():
 # Registry and params
 
 
-def test_registry_holds_the_three_algorithms():
-    assert set(ALGORITHMS) == {"aapo", "gpg", "grpo"}
+def test_registry_holds_every_algorithm():
+    assert set(ALGORITHMS) == {"aapo", "dapo", "dr_grpo", "gpg", "grpo"}
     assert ALGORITHMS["aapo"] is AAPO and ALGORITHMS["gpg"] is GPG and ALGORITHMS["grpo"] is GRPO
     for name, cls in ALGORITHMS.items():
         assert algorithm_params_class(name) is cls.Params
@@ -424,7 +427,7 @@ def test_registry_holds_the_three_algorithms():
 def test_unknown_algorithm_name():
     with pytest.raises(AapoError) as err:
         build_algorithm("ppo")
-    assert str(err.value) == "algorithm.name: unknown algorithm 'ppo'; choose from aapo, gpg, grpo"
+    assert str(err.value) == "algorithm.name: unknown algorithm 'ppo'; choose from aapo, dapo, dr_grpo, gpg, grpo"
     with pytest.raises(AapoError, match="unknown algorithm 'x'"):
         algorithm_params_class("x")
 
@@ -476,3 +479,232 @@ def test_algorithms_do_not_import_deepspeed():
     code = "import sys, aapo_app.algorithms; print('deepspeed' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dr. GRPO
+
+# Group 0 [1, 0, 0, 0]: mean 0.25, deviations [0.75, −0.25, −0.25, −0.25];
+# unbiased var = (0.5625 + 3 · 0.0625) / 3 = 0.75 / 3 = 0.25, std = 0.5.
+# Group 1 [0.5, 0.5, 0.5, 0.5]: all equal → advantage exactly 0 in every algorithm.
+REWARDS_ONE_RIGHT = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])  # [P=2, G=4]
+
+
+def test_dr_grpo_advantages_are_mean_centred_without_std():
+    out = build_algorithm("dr_grpo").advantages(REWARDS_ONE_RIGHT)
+    # r − mean, no division by std 0.5: [0.75, −0.25, −0.25, −0.25]; flat group → 0
+    assert close(out.advantages, [[0.75, -0.25, -0.25, -0.25], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(out.advantages[1], torch.zeros(4))
+    assert out.diagnostics == {"zero_std_group_frac": 0.5}
+    # REWARDS [1, 0, 0, 1]: mean 0.5 → [0.5, −0.5, −0.5, 0.5] (GRPO would give ±A = ±0.8658754)
+    assert close(build_algorithm("dr_grpo").advantages(REWARDS).advantages, [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]])
+    # 0.1 is not exact in float32; the flat group is still exactly 0, not a rounding residue
+    assert torch.equal(build_algorithm("dr_grpo").advantages(torch.tensor([[0.1, 0.1, 0.1]])).advantages, torch.zeros(1, 3))
+
+
+ADVANTAGES_DR = torch.tensor([1.5, -0.5, 5.0])  # [n]; row 2 has no counted token
+
+
+def test_dr_grpo_loss_is_token_sum_over_the_constant_then_batch_mean():
+    logprobs = LOGPROBS.clone().requires_grad_(True)
+    out = build_algorithm("dr_grpo").loss(logprobs, LOSS_MASK, ADVANTAGES_DR, None, None, 4)
+    # old = logp.detach() → ρ = 1, per-token loss −A: row 0 [−1.5, −1.5], row 1 [0.5], row 2 none
+    # token sums: −3, 0.5, 0; each / 4 (max_completion_length): −0.75, 0.125, 0
+    # mean over the n = 3 rows (the empty one counts): (−0.75 + 0.125 + 0) / 3 = −0.625/3 = −0.2083333
+    # = aggregate_loss "constant": Σ tokens / (n · 4) = −2.5 / 12
+    assert out.loss.item() == pytest.approx(-2.5 / 12)
+    assert out.stats["pg_loss"] == pytest.approx(-2.5 / 12) and "kl_mean" not in out.stats
+    assert out.stats["num_tokens"] == 3.0 and out.stats["clip_frac"] == 0.0
+    # GRPO's seq_mean on the same tokens: (−1.5 + 0.5 + 0) / 3 = −1/3 — longer row 0 weighs less there
+    grpo = build_algorithm("grpo", GRPO.Params(beta=0.0)).loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR)
+    assert grpo.loss.item() == pytest.approx(-1 / 3)
+    out.loss.backward()
+    # ∂L/∂logp_it = −A_i · ρ / (n · 4) on counted tokens: row 0 −1.5/12 = −0.125, row 1 0.5/12 = 0.0416667
+    expected = torch.tensor([[-0.125, -0.125, 0.0], [0.5 / 12, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert close(logprobs.grad, expected)
+    # the constant changes the scale only: 8 instead of 4 halves the loss, −2.5 / 24
+    assert build_algorithm("dr_grpo").loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR, None, None, 8).loss.item() == pytest.approx(-2.5 / 24)
+
+
+def test_dr_grpo_loss_with_old_logprobs_clipping_and_kl_by_hand():
+    # ratios ρ = exp(logp − old) with old = 0: row 0 [1.5, 1.0], row 1 [0.5, 1.1]; column 2 is masked garbage
+    logprobs = torch.log(torch.tensor([[1.5, 1.0, 1.0], [0.5, 1.1, 1.0]]))
+    logprobs[:, 2] = float("-inf")
+    logprobs.requires_grad_(True)
+    mask = torch.tensor([[T, T, F], [T, T, F]])
+    old = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -1.0])
+    ref = logprobs.detach().clone()
+    ref[0, 1] = math.log(2.0)  # ref − logp = ln 2 at [0, 1] → k3 = 2 − ln 2 − 1 = 1 − ln 2; else 0
+    ref[:, 2] = float("nan")
+    k = 1 - math.log(2)  # 0.3068528
+    algo = build_algorithm("dr_grpo", DrGRPO.Params(beta=0.1))
+    out = algo.loss(logprobs, mask, adv, old, ref, 4)
+    # PPO, ε = 0.2:
+    #   row 0, A = +1: ρ 1.5 → −min(1.5, 1.2) = −1.2 (clipped); ρ 1.0 → −1.0      sum −2.2
+    #   row 1, A = −1: ρ 0.5 → −min(−0.5, −0.8) = 0.8 (clipped); ρ 1.1 → 1.1     sum  1.9
+    # pg = (−2.2 + 1.9) / (2 rows · 4) = −0.3 / 8 = −0.0375
+    # KL: β · k / (2 · 4) = 0.1 · 0.3068528 / 8 = 0.0038357 → loss −0.0336643
+    assert out.stats["pg_loss"] == pytest.approx(-0.0375)
+    assert out.loss.item() == pytest.approx(-0.0375 + 0.1 * k / 8)
+    assert out.stats["kl_mean"] == pytest.approx(k / 4)  # one non-zero k3 over 4 counted tokens
+    assert out.stats["clip_frac"] == 0.5  # 2 of 4 counted tokens
+    out.loss.backward()
+    # [0, 1]: PPO −A·ρ = −1, KL β · (1 − e^{ref − logp}) = 0.1 · (1 − 2) = −0.1 → −1.1 / 8 = −0.1375
+    # [1, 1]: −A·ρ = 1.1 → 1.1 / 8 = 0.1375; clipped tokens and masked garbage: 0
+    assert close(logprobs.grad, [[0.0, -0.1375, 0.0], [0.0, 0.1375, 0.0]])
+
+
+def test_dr_grpo_needs_max_completion_length_and_its_flags():
+    algo = build_algorithm("dr_grpo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        algo.loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR)
+    with pytest.raises(ValueError, match="more than max_completion_length = 1"):
+        algo.loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR, None, None, 1)  # row 0 has 2 counted tokens
+    with pytest.raises(ValueError, match="positive int"):
+        algo.loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR, None, None, 0)
+    assert not algo.uses_reference_logprobs and algo.uses_old_logprobs and not algo.uses_reference_samples  # β = 0
+    with_kl = build_algorithm("dr_grpo", DrGRPO.Params(beta=0.04))
+    assert with_kl.uses_reference_logprobs
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        with_kl.loss(LOGPROBS, LOSS_MASK, ADVANTAGES_DR, None, None, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO
+
+
+def test_dapo_advantages_by_hand():
+    out = build_algorithm("dapo", DAPO.Params(dynamic_sampling=True)).advantages(REWARDS_ONE_RIGHT)
+    # (r − mean) / (std + 1e-4) with std 0.5: 0.75 / 0.5001 = 1.4997001, −0.25 / 0.5001 = −0.4999000
+    expected = [[0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001], [0.0, 0.0, 0.0, 0.0]]
+    assert close(out.advantages, expected)
+    assert torch.equal(out.advantages[1], torch.zeros(4))
+    # group 1 is flat: dynamic sampling drops it and keeps 1 of 2
+    assert out.diagnostics == {"zero_std_group_frac": 0.5, "kept_group_frac": 0.5}
+    off = build_algorithm("dapo", DAPO.Params(dynamic_sampling=False)).advantages(REWARDS_ONE_RIGHT)
+    assert torch.equal(off.advantages, out.advantages)
+    assert off.diagnostics == {"zero_std_group_frac": 0.5, "kept_group_frac": 1.0}  # nothing dropped
+    # same advantages as GRPO's on REWARDS: ±A = ±0.8658754
+    assert close(build_algorithm("dapo").advantages(REWARDS).advantages, [[A, -A, -A, A], [0, 0, 0, 0]])
+
+
+def test_dapo_keep_mask():
+    rewards = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 1.0],  # spread → keep
+            [1.0, 1.0, 1.0, 1.0],  # all right → drop
+            [0.0, 0.0, 0.0, 0.0],  # all wrong → drop
+            [0.1, 0.1, 0.1, 0.2],  # one differs → keep
+        ]
+    )
+    keep = dapo_keep_mask(rewards)
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep, torch.tensor([T, F, F, T]))
+    # flat groups with a shaped reward (e.g. the same overlong penalty) are dropped too
+    assert torch.equal(dapo_keep_mask(torch.tensor([[-0.5, -0.5]])), torch.tensor([F]))
+    with pytest.raises(ValueError, match="G >= 2"):
+        dapo_keep_mask(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        dapo_keep_mask(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_dapo_clip_higher_for_positive_and_negative_advantages():
+    # old = 0, so ρ = exp(logp): columns ρ = 1.25 (between 1.2 and 1.28), 1.30 (above 1.28), 0.75 (below 0.8)
+    logprobs = torch.log(torch.tensor([[1.25, 1.30, 0.75], [1.25, 1.30, 0.75]])).requires_grad_(True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    out = build_algorithm("dapo").loss(logprobs, mask, adv, torch.zeros(2, 3))
+    # clip(ρ, 0.8, 1.28):
+    #   A = +1: ρ 1.25 → −min(1.25, 1.25) = −1.25 (not clipped; GRPO's 1.2 would clip it)
+    #           ρ 1.30 → −min(1.30, 1.28) = −1.28 (clipped high)
+    #           ρ 0.75 → −min(0.75, 0.80) = −0.75 (not clipped: A > 0 is only bounded above)
+    #   A = −1: ρ 1.25 → −min(−1.25, −1.25) = 1.25 (not clipped)
+    #           ρ 1.30 → −min(−1.30, −1.28) = 1.30 (not clipped: A < 0 is only bounded below)
+    #           ρ 0.75 → −min(−0.75, −0.80) = 0.80 (clipped low)
+    # token mean over 6 tokens: (−1.25 − 1.28 − 0.75 + 1.25 + 1.30 + 0.80) / 6 = 0.07 / 6 = 0.0116667
+    assert out.loss.item() == pytest.approx(0.07 / 6, abs=1e-6)
+    assert out.stats["clip_frac"] == pytest.approx(2 / 6)
+    assert out.stats["clip_high_frac"] == pytest.approx(1 / 6)
+    assert out.stats["clip_low_frac"] == pytest.approx(1 / 6)
+    assert out.stats["num_tokens"] == 6.0
+    out.loss.backward()
+    # unclipped tokens: ∂(−ρA)/∂logp = −A·ρ, over 6 tokens; clipped ones: 0
+    expected = torch.tensor([[-1.25, 0.0, -0.75], [1.25, 1.30, 0.0]]) / 6
+    assert close(logprobs.grad, expected)
+
+    # GRPO (ε = 0.2 both sides) on the same tokens clips ρ 1.25 with A = +1: no gradient there
+    grpo_logprobs = logprobs.detach().clone().requires_grad_(True)
+    build_algorithm("grpo", GRPO.Params(beta=0.0)).loss(grpo_logprobs, mask, adv, torch.zeros(2, 3)).loss.backward()
+    assert grpo_logprobs.grad[0, 0].item() == 0.0 and logprobs.grad[0, 0].item() != 0.0
+
+
+def test_dapo_lower_bound_just_below_0_8():
+    # ρ = 0.79 (just below 1 − ε_low = 0.8) and 0.81 (just above), A = −1:
+    # 0.79 → −min(−0.79, −0.80) = 0.80 (clipped); 0.81 → −min(−0.81, −0.81) = 0.81 (not)
+    logprobs = torch.log(torch.tensor([[0.79, 0.81]])).requires_grad_(True)
+    out = build_algorithm("dapo").loss(logprobs, torch.ones(1, 2, dtype=torch.bool), torch.tensor([-1.0]), torch.zeros(1, 2))
+    assert out.loss.item() == pytest.approx((0.80 + 0.81) / 2, abs=1e-6)
+    assert out.stats["clip_low_frac"] == 0.5 and out.stats["clip_high_frac"] == 0.0
+    out.loss.backward()
+    assert close(logprobs.grad, [[0.0, 0.81 / 2]])  # −A·ρ / 2 tokens on the unclipped one
+
+
+def test_dapo_loss_is_a_token_mean_without_kl():
+    logprobs = LOGPROBS.clone()
+    logprobs[~LOSS_MASK] = float("-inf")
+    logprobs.requires_grad_(True)
+    algo = build_algorithm("dapo")
+    out = algo.loss(logprobs, LOSS_MASK, ADVANTAGES_DR, None, torch.full((3, 3), float("nan")), 4)
+    # ρ = 1, per-token −A: −1.5, −1.5, 0.5 → (−1.5 − 1.5 + 0.5) / 3 tokens = −2.5/3 = −0.8333333
+    # (ref_logprobs are never read: no KL term)
+    assert out.loss.item() == pytest.approx(-2.5 / 3)
+    out.loss.backward()
+    # −A / 3 tokens: row 0 −0.5, row 1 0.5/3 = 0.1666667; masked garbage → 0, finite
+    assert close(logprobs.grad, [[-0.5, -0.5, 0.0], [0.5 / 3, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert not algo.uses_reference_logprobs and algo.uses_old_logprobs and not algo.uses_reference_samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Dr. GRPO / DAPO registry and params
+
+
+def test_build_dr_grpo_and_dapo():
+    dr = build_algorithm("dr_grpo")
+    assert isinstance(dr, DrGRPO) and ALGORITHMS["dr_grpo"] is DrGRPO
+    assert dataclasses.asdict(dr.params) == {"epsilon": 0.2, "beta": 0.0}
+    dapo = build_algorithm("dapo")
+    assert isinstance(dapo, DAPO) and ALGORITHMS["dapo"] is DAPO
+    assert dataclasses.asdict(dapo.params) == {
+        "epsilon_low": 0.2,
+        "epsilon_high": 0.28,
+        "eps": 1e-4,
+        "dynamic_sampling": False,  # the trainer does not drop and refill groups yet
+        "max_resample_tries": 3,
+    }
+    assert build_algorithm("dapo", DAPO.Params(max_resample_tries=0)).params.max_resample_tries == 0
+    with pytest.raises(TypeError, match="DrGRPOParams"):
+        build_algorithm("dr_grpo", DAPO.Params())
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,message",
+    [
+        ("dr_grpo", {"epsilon": 0.0}, "algorithm.epsilon must be in (0, 1) (got 0.0)"),
+        ("dr_grpo", {"epsilon": "0.2"}, "algorithm.epsilon must be a finite number (got '0.2')"),
+        ("dr_grpo", {"beta": -0.1}, "algorithm.beta must be >= 0 (got -0.1)"),
+        ("dapo", {"epsilon_low": 1.0}, "algorithm.epsilon_low must be in (0, 1) (got 1.0)"),
+        ("dapo", {"epsilon_high": 0.0}, "algorithm.epsilon_high must be > 0 (got 0.0)"),
+        ("dapo", {"epsilon_high": float("inf")}, "algorithm.epsilon_high must be a finite number (got inf)"),
+        ("dapo", {"eps": -1e-4}, "algorithm.eps must be >= 0 (got -0.0001)"),
+        ("dapo", {"dynamic_sampling": "yes"}, "algorithm.dynamic_sampling must be true or false (got 'yes')"),
+        ("dapo", {"max_resample_tries": -1}, "algorithm.max_resample_tries must be >= 0 (got -1)"),
+        ("dapo", {"max_resample_tries": 2.5}, "algorithm.max_resample_tries must be an integer (got 2.5)"),
+        ("dapo", {"max_resample_tries": True}, "algorithm.max_resample_tries must be an integer (got True)"),
+    ],
+)
+def test_dr_grpo_and_dapo_invalid_params_name_the_field(name, kwargs, message):
+    params = algorithm_params_class(name)(**kwargs)
+    with pytest.raises(AapoError) as err:
+        build_algorithm(name, params)
+    assert str(err.value) == message

@@ -132,7 +132,8 @@ def test_reference_group_is_sampled_from_reference_weights(trained, tiny_model_d
         lm_head.data.div_(25.0)
 
 
-@pytest.mark.parametrize("name,extra", [("grpo", ["algorithm.beta=0.04"]), ("gpg", [])])
+@pytest.mark.parametrize("name,extra", [("grpo", ["algorithm.beta=0.04"]), ("gpg", []), ("dr_grpo", []),
+                                        ("dapo", []), ("dr_grpo", ["algorithm.beta=0.04"])])
 def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / name, f"algorithm.name={name}",
                                                "train.max_steps=1", *extra))
@@ -143,7 +144,8 @@ def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
         after = full_params(trainer.policy)
     finally:
         trainer.close()
-    assert (trainer.reference is not None) == (name == "grpo")  # only GRPO's KL needs the reference
+    # only a KL term (beta > 0) needs the reference; none of these samples it
+    assert (trainer.reference is not None) == ("algorithm.beta=0.04" in extra)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert "ref_reward/mean" not in last

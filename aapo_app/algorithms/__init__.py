@@ -66,10 +66,14 @@ def build_algorithm(name: str, params: AlgorithmParams | None = None) -> Algorit
 from aapo_app.algorithms.grpo import GRPO, group_advantages, k3_kl, ppo_clip_loss, zero_std_groups  # noqa: E402
 from aapo_app.algorithms.aapo import AAPO, aapo_advantages, pg_cross_entropy_loss  # noqa: E402
 from aapo_app.algorithms.gpg import GPG, gpg_advantages  # noqa: E402
+from aapo_app.algorithms.dr_grpo import DrGRPO  # noqa: E402
+from aapo_app.algorithms.dapo import DAPO, dapo_keep_mask  # noqa: E402
 
 __all__ = [
     "AAPO",
     "ALGORITHMS",
+    "DAPO",
+    "DrGRPO",
     "GPG",
     "GRPO",
     "AdvantageOutput",
@@ -81,6 +85,7 @@ __all__ = [
     "algorithm_class",
     "algorithm_params_class",
     "build_algorithm",
+    "dapo_keep_mask",
     "gpg_advantages",
     "group_advantages",
     "k3_kl",
