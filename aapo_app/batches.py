@@ -85,3 +85,57 @@ class ScoredBatch:
     reward_parts: dict[str, torch.Tensor]
     advantages: torch.Tensor
     diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def _pad_samples(s: Samples, prompt_width: int, completion_width: int, pad_id: int) -> Samples:
+    """``s`` with its prompt block left-padded to ``prompt_width`` and completions right-padded."""
+    left, right = prompt_width - s.prompt_width, completion_width - s.completion_mask.shape[1]
+    n = s.sequences.shape[0]
+
+    def widen(t, fill):
+        return torch.cat([torch.full((n, left), fill, dtype=t.dtype), t, torch.full((n, right), fill, dtype=t.dtype)], 1)
+
+    return Samples(
+        sequences=widen(s.sequences, pad_id), attention_mask=widen(s.attention_mask, False),
+        completion_mask=torch.cat([s.completion_mask, torch.zeros(n, right, dtype=torch.bool)], 1),
+        prompt_width=prompt_width, texts=s.texts, lengths=s.lengths, truncated=s.truncated,
+    )
+
+
+def _concat_samples(parts: list[Samples], pad_id: int) -> Samples:
+    width_p = max(p.prompt_width for p in parts)
+    width_c = max(p.completion_mask.shape[1] for p in parts)
+    parts = [_pad_samples(p, width_p, width_c, pad_id) for p in parts]
+    return Samples(
+        sequences=torch.cat([p.sequences for p in parts]), attention_mask=torch.cat([p.attention_mask for p in parts]),
+        completion_mask=torch.cat([p.completion_mask for p in parts]), prompt_width=width_p,
+        texts=[t for p in parts for t in p.texts], lengths=torch.cat([p.lengths for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+    )
+
+
+def _rows(s: Samples, rows: torch.Tensor) -> Samples:
+    return Samples(sequences=s.sequences[rows], attention_mask=s.attention_mask[rows],
+                   completion_mask=s.completion_mask[rows], prompt_width=s.prompt_width,
+                   texts=[s.texts[i] for i in rows.tolist()], lengths=s.lengths[rows], truncated=s.truncated[rows])
+
+
+def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int) -> RolloutBatch:
+    """A new batch made of whole groups ``(batch, group index)``, padded to common widths."""
+    G = picks[0][0].group_size
+    parts = []
+    for batch, i in picks:
+        rows = torch.arange(i * G, (i + 1) * G)
+        ref_logp = None
+        if batch.ref_logprobs is not None:
+            ref_logp = batch.ref_logprobs[rows]
+        parts.append((batch.examples[i], _rows(batch.policy, rows),
+                      _rows(batch.reference, rows) if batch.reference is not None else None, ref_logp))
+    policy = _concat_samples([p[1] for p in parts], pad_id)
+    reference = _concat_samples([p[2] for p in parts], pad_id) if parts[0][2] is not None else None
+    ref_logprobs = None
+    if parts[0][3] is not None:
+        width = policy.completion_mask.shape[1]
+        ref_logprobs = torch.cat([torch.nn.functional.pad(p[3], (0, width - p[3].shape[1])) for p in parts])
+    return RolloutBatch(examples=[p[0] for p in parts], group_size=G, policy=policy, reference=reference,
+                        ref_logprobs=ref_logprobs)

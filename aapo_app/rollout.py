@@ -116,19 +116,22 @@ def reference_logprobs(reference, samples: Samples, temperature: float, micro_ba
 
 def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts: list[str], *, cfg, algorithm,
             seed: int, step: int, rank: int, micro_batch_size: int, add_special_tokens: bool,
-            eos_ids: list[int]) -> RolloutBatch:
-    """Sample the policy group (and the reference group / reference log-probs the algorithm needs)."""
+            eos_ids: list[int], round: int = 0) -> RolloutBatch:
+    """Sample the policy group (and the reference group / reference log-probs the algorithm needs).
+
+    ``round`` > 0 marks an extra rollout of the same step (dynamic sampling) with its own seeds."""
     start = time.perf_counter()
+    extra = (round,) if round else ()
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, add_special_tokens)
     common = dict(num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p, top_k=cfg.top_k, generation_batch_size=cfg.generation_batch_size,
                   eos_ids=eos_ids)
     policy_samples = sample(policy, tokenizer, prompt_ids, prompt_mask,
-                            seed=stream_seed(seed, step, rank, "policy"), **common)
+                            seed=stream_seed(seed, step, rank, "policy", *extra), **common)
     ref_samples = ref_logp = None
     if algorithm.uses_reference_samples:
         ref_samples = sample(reference, tokenizer, prompt_ids, prompt_mask,
-                             seed=stream_seed(seed, step, rank, "reference"), **common)
+                             seed=stream_seed(seed, step, rank, "reference", *extra), **common)
     if algorithm.uses_reference_logprobs:
         ref_logp = reference_logprobs(reference, policy_samples, cfg.temperature, micro_batch_size)
     return RolloutBatch(examples=examples, group_size=cfg.group_size, policy=policy_samples,

@@ -20,7 +20,8 @@ import yaml
 from tqdm import tqdm
 
 from aapo_app import metrics as M
-from aapo_app.algorithms import build_algorithm
+from aapo_app.algorithms import build_algorithm, zero_std_groups
+from aapo_app.batches import select_groups
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
 from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
@@ -58,9 +59,6 @@ class Trainer:
         ds_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
         ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
         self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
-        if getattr(cfg.algorithm.params, "dynamic_sampling", False):
-            raise AapoError("algorithm.dynamic_sampling=true: the trainer does not drop and refill groups yet; "
-                            "set it to false (every group is trained, zero-variance groups get advantage 0)")
         resolve_model_path(cfg.model.path, convert=False)
         if cfg.rollout.deepspeed_hybrid_engine:
             check_hybrid_engine()
@@ -183,14 +181,49 @@ class Trainer:
         return result
 
     # -- the loop -----------------------------------------------------------------------------
+    def _rollout(self, step: int, round: int = 0):
+        examples = self.sampler.next_batch()
+        cfg = self.cfg
+        return rollout(self.policy, self.reference, self.tokenizer, examples, self._prompts(examples),
+                       cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
+                       micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
+                       eos_ids=self.eos_ids, round=round)
+
+    def _rollout_with_resampling(self, step: int):
+        """One rollout, or, for algorithms with dynamic sampling, rounds of rollouts whose groups with
+        reward spread are kept until the batch is full. All ranks take the same number of rounds
+        (ZeRO-3 generation is collective, and the prompt samplers stay in step). If the rounds run
+        out, the batch is topped up with zero-variance groups (advantage 0, no gradient) so every
+        rank trains the same number of sequences. Returns the batch and the extra rounds taken."""
+        batch = self._rollout(step)
+        plan = self.algorithm.resampling()
+        if plan is None:
+            return batch, 0
+        start = time.perf_counter() - batch.seconds
+        max_rounds, min_kept = plan
+        P, G = len(batch.examples), batch.group_size
+        kept, dropped, rounds = [], [], 0
+        while True:
+            texts, answers = batch.policy.texts, [ex.answer for ex in batch.examples for _ in range(G)]
+            rewards = self.rewards.score(texts, answers, batch.policy.lengths.tolist()).total.view(P, G)
+            spread = ~zero_std_groups(rewards)
+            kept += [(batch, i) for i in range(P) if spread[i]]
+            dropped += [(batch, i) for i in range(P) if not spread[i]]
+            short = float(len(kept) < math.ceil(min_kept * P))
+            if rounds >= max_rounds or all_reduce_sum([short])[0] == 0:
+                break
+            rounds += 1
+            batch = self._rollout(step, round=rounds)
+        if rounds == 0 and len(kept) == P:
+            return batch, 0
+        merged = select_groups((kept + dropped)[:P], self.tokenizer.pad_token_id)
+        merged.seconds = time.perf_counter() - start  # every round's sampling and reward checks
+        return merged, rounds
+
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        examples = self.sampler.next_batch()
-        batch = rollout(self.policy, self.reference, self.tokenizer, examples, self._prompts(examples),
-                        cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
-                        micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
-                        eos_ids=self.eos_ids)
+        batch, rounds = self._rollout_with_resampling(step)
         scored = score(batch, self.rewards, self.algorithm)
         self.log_rollout(step, scored)
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.train.micro_batch_size,
@@ -205,6 +238,7 @@ class Trainer:
         local["rollout_seconds"] = batch.seconds
         local["update_seconds"] = upd["update_seconds"]
         local["step_seconds"] = time.perf_counter() - t0
+        local["resample_rounds"] = float(rounds)
         m = reduce_metrics(local)
         m["rollout_tokens_per_s"] = m.pop("rollout_tokens") / max(m["rollout_seconds"], 1e-9)
         m["update_tokens_per_s"] = m.pop("update_tokens") / max(m["update_seconds"], 1e-9)

@@ -575,7 +575,7 @@ def test_dr_grpo_needs_max_completion_length_and_its_flags():
 
 
 def test_dapo_advantages_by_hand():
-    out = build_algorithm("dapo", DAPO.Params(dynamic_sampling=True)).advantages(REWARDS_ONE_RIGHT)
+    out = build_algorithm("dapo").advantages(REWARDS_ONE_RIGHT)
     # (r − mean) / (std + 1e-4) with std 0.5: 0.75 / 0.5001 = 1.4997001, −0.25 / 0.5001 = −0.4999000
     expected = [[0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001], [0.0, 0.0, 0.0, 0.0]]
     assert close(out.advantages, expected)
@@ -679,7 +679,7 @@ def test_build_dr_grpo_and_dapo():
         "epsilon_low": 0.2,
         "epsilon_high": 0.28,
         "eps": 1e-4,
-        "dynamic_sampling": False,  # the trainer does not drop and refill groups yet
+        "dynamic_sampling": True,
         "max_resample_tries": 3,
     }
     assert build_algorithm("dapo", DAPO.Params(max_resample_tries=0)).params.max_resample_tries == 0

@@ -205,3 +205,45 @@ def test_local_dataset_with_columns_and_system_prompt(tiny_model_dir, shared_dir
     problems = {ex.problem for ex in trainer.train_examples}
     groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
     assert len(groups) == 2 and all(g["problem"] in problems for g in groups)
+
+
+@pytest.mark.parametrize("weights,rounds", [
+    ("{boxed_format: 1.0}", 2),       # the random model never boxes: every group is flat, all tries are used
+    ("{test_char_length: 1.0}", 0),   # character lengths always differ: nothing to refill
+])
+def test_dapo_dynamic_sampling_refills_flat_groups(tiny_model_dir, tmp_path, weights, rounds):
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "dapo", "algorithm.name=dapo",
+                                               "algorithm.max_resample_tries=2", "train.max_steps=1",
+                                               f"rewards.weights={weights}"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["resample_rounds"] == rounds
+    assert trainer.sampler.step == 1 + rounds  # each round drew the next prompts of the sampler
+    groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(groups) == 2 and all(len(g["completions"]) == 4 for g in groups)  # the batch stays P x G
+
+
+def test_select_groups_pads_to_common_widths():
+    from aapo_app.batches import RolloutBatch, Samples, select_groups
+    from aapo_app.data import PromptExample
+
+    def samples(prompt_w, comp_w, fill):
+        n = 2  # one group of G = 2
+        return Samples(sequences=torch.full((n, prompt_w + comp_w), fill), attention_mask=torch.ones(n, prompt_w + comp_w, dtype=torch.bool),
+                       completion_mask=torch.ones(n, comp_w, dtype=torch.bool), prompt_width=prompt_w,
+                       texts=[f"{fill}a", f"{fill}b"], lengths=torch.full((n,), comp_w), truncated=torch.zeros(n, dtype=torch.bool))
+
+    a = RolloutBatch(examples=[PromptExample("a", "pa", "1")], group_size=2, policy=samples(3, 2, 7))
+    b = RolloutBatch(examples=[PromptExample("b", "pb", "2")], group_size=2, policy=samples(1, 4, 9))
+    merged = select_groups([(b, 0), (a, 0)], pad_id=0)
+    assert [ex.id for ex in merged.examples] == ["b", "a"] and merged.policy.texts == ["9a", "9b", "7a", "7b"]
+    assert merged.policy.prompt_width == 3 and merged.policy.sequences.shape == (4, 3 + 4)
+    # b: prompt left-padded by 2, completion full; a: prompt full, completion right-padded by 2
+    assert merged.policy.sequences[0].tolist() == [0, 0, 9, 9, 9, 9, 9]
+    assert merged.policy.attention_mask[0].tolist() == [False, False, True, True, True, True, True]
+    assert merged.policy.sequences[2].tolist() == [7, 7, 7, 7, 7, 0, 0]
+    assert merged.policy.completion_mask[2].tolist() == [True, True, False, False]

@@ -64,3 +64,18 @@ def test_deepspeed_launcher_two_ranks(tiny_model_dir, tmp_path):
     run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "aapo_app",
          *train_args(tiny_model_dir, out)])
     check_data_parallel_run(out)
+
+
+def test_dapo_dynamic_sampling_keeps_ranks_in_step(tiny_model_dir, tmp_path):
+    """Every group is flat on the random model (boxed_format is never met): both ranks must take the
+    same extra rounds together (generation under ZeRO-3 is collective) and still hold disjoint prompts."""
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "aapo_app", *train_args(tiny_model_dir, out), "algorithm.name=dapo", "algorithm.max_resample_tries=1",
+         "rewards.weights={boxed_format: 1.0}"])
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("resample_rounds") for m in metrics[1:]] == [1.0, 1.0]
+    for step in (1, 2):
+        ids = {r: [json.loads(x)["prompt_id"] for x in (out / "rollouts" / f"rank{r}.jsonl").read_text().splitlines()
+                   if json.loads(x)["step"] == step] for r in (0, 1)}
+        assert len(ids[0]) == len(ids[1]) == 2 and not set(ids[0]) & set(ids[1])

@@ -267,6 +267,13 @@ class Algorithm(abc.ABC):
         reference model (a KL term)."""
         return False
 
+    def resampling(self) -> tuple[int, float] | None:
+        """``(max_extra_rounds, min_kept_fraction)`` if the trainer should drop prompt groups whose
+        rewards are all equal and refill the batch with new prompts (DAPO's dynamic sampling), else
+        None. The trainer samples more rounds, all ranks together, until at least
+        ``min_kept_fraction`` of each rank's groups have reward spread or the rounds run out."""
+        return None
+
     @property
     def uses_old_logprobs(self) -> bool:
         """True if :meth:`loss` has an importance ratio π_θ/π_old that reads ``old_logprobs``.

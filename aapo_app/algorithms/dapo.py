@@ -90,9 +90,9 @@ class DAPOParams(AlgorithmParams):
     )
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std in the advantage denominator."})
     dynamic_sampling: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Drop groups whose rewards are all equal (std 0) and refill the batch with new rollouts "
-                          "(the paper's setting; the trainer does not do it yet, so true is refused)."},
+                          "(the paper's setting)."},
     )
     max_resample_tries: int = field(
         default=3,
@@ -136,6 +136,10 @@ class DAPO(Algorithm):
     @property
     def uses_old_logprobs(self) -> bool:
         return True
+
+    def resampling(self) -> tuple[int, float] | None:
+        # keep refilling until every group of the batch has reward spread (or the tries run out)
+        return (self.params.max_resample_tries, 1.0) if self.params.dynamic_sampling else None
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         rewards = check_rewards(rewards)
