@@ -247,3 +247,32 @@ def test_select_groups_pads_to_common_widths():
     assert merged.policy.attention_mask[0].tolist() == [False, False, True, True, True, True, True]
     assert merged.policy.sequences[2].tolist() == [7, 7, 7, 7, 7, 0, 0]
     assert merged.policy.completion_mask[2].tolist() == [True, True, False, False]
+
+
+def test_grpo_several_updates_per_rollout(tiny_model_dir, tmp_path):
+    """num_iterations = 2: two optimizer steps on one rollout, the second with ratio != 1 to pi_old."""
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "grpo2", "algorithm.name=grpo",
+                                               "algorithm.beta=0.0", "algorithm.num_iterations=2",
+                                               "train.max_steps=1", "train.learning_rate=2e-2"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.policy.engine.global_steps == 2
+    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    # pass 1 has ratio exactly 1 (nothing clipped); a large step makes pass 2's ratios leave [0.8, 1.2]
+    assert 0.0 < last["algo/clip_frac"] < 1.0
+
+
+def test_gpg_regeneration(tiny_model_dir, tmp_path):
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "gpg", "algorithm.name=gpg",
+                                               "algorithm.regenerate=true", "algorithm.max_regenerate_tries=1",
+                                               "train.max_steps=1", "rewards.weights={boxed_format: 1.0}"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["resample_rounds"] == 1 and last["algo/alpha"] == 0.0  # all flat on a random model

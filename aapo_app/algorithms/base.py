@@ -267,6 +267,11 @@ class Algorithm(abc.ABC):
         reference model (a KL term)."""
         return False
 
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps taken on one rollout (GRPO's μ); > 1 needs ``old_logprobs``."""
+        return 1
+
     def resampling(self) -> tuple[int, float] | None:
         """``(max_extra_rounds, min_kept_fraction)`` if the trainer should drop prompt groups whose
         rewards are all equal and refill the batch with new prompts (DAPO's dynamic sampling), else

@@ -38,6 +38,8 @@ from aapo_app.algorithms.base import (
     AdvantageOutput,
     AlgorithmParams,
     check_rewards,
+    require_bool,
+    require_number,
     require_non_negative,
 )
 from aapo_app.algorithms.grpo import group_advantages, zero_std_groups
@@ -84,11 +86,27 @@ class GPGParams(AlgorithmParams):
         metadata={"help": "Advantage denominator F_norm: 'std' (group std + eps) or 'one' (no scaling)."},
     )
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std when f_norm is 'std'."})
+    regenerate: bool = field(
+        default=False,
+        metadata={"help": "Sample more prompts until at least min_valid_frac of the groups have reward std > 0."},
+    )
+    min_valid_frac: float = field(
+        default=0.5, metadata={"help": "Fraction of groups with reward spread that regeneration aims for, in (0, 1]."}
+    )
+    max_regenerate_tries: int = field(
+        default=3, metadata={"help": "Most extra rollout rounds regeneration takes (>= 0)."}
+    )
 
     def validate(self) -> None:
         if self.f_norm not in F_NORMS:
             raise AapoError(f"algorithm.f_norm must be 'std' or 'one' (got {self.f_norm!r})")
         require_non_negative("eps", self.eps)
+        require_bool("regenerate", self.regenerate)
+        if not 0 < require_number("min_valid_frac", self.min_valid_frac) <= 1:
+            raise AapoError(f"algorithm.min_valid_frac must be in (0, 1] (got {self.min_valid_frac!r})")
+        tries = self.max_regenerate_tries
+        if isinstance(tries, bool) or not isinstance(tries, int) or tries < 0:
+            raise AapoError(f"algorithm.max_regenerate_tries must be an integer >= 0 (got {tries!r})")
 
 
 @register_algorithm
@@ -105,6 +123,11 @@ class GPG(CrossEntropyPGAlgorithm):
     }
 
     params: GPGParams
+
+    def resampling(self) -> tuple[int, float] | None:
+        # the GPG paper regenerates until at least half the groups carry signal; the set-aside flat
+        # groups top the batch up again, so alpha still sees them
+        return (self.params.max_regenerate_tries, self.params.min_valid_frac) if self.params.regenerate else None
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         advantages, diagnostics = gpg_advantages(rewards, f_norm=self.params.f_norm, eps=self.params.eps)

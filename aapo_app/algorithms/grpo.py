@@ -129,6 +129,11 @@ class GRPOParams(AlgorithmParams):
         default=0.04, metadata={"help": "Weight of the k3 KL penalty to the reference model; 0 disables it."}
     )
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std in the advantage denominator."})
+    num_iterations: int = field(
+        default=1,
+        metadata={"help": "μ: optimizer steps per rollout; > 1 reuses the batch with the ratio to the rollout's "
+                          "log-probs (old_logprobs)."},
+    )
 
     def validate(self) -> None:
         epsilon = require_number("epsilon", self.epsilon)
@@ -136,6 +141,9 @@ class GRPOParams(AlgorithmParams):
             raise AapoError(f"algorithm.epsilon must be in (0, 1) (got {self.epsilon!r})")
         require_non_negative("beta", self.beta)
         require_non_negative("eps", self.eps)
+        mu = self.num_iterations
+        if isinstance(mu, bool) or not isinstance(mu, int) or mu < 1:
+            raise AapoError(f"algorithm.num_iterations must be an integer >= 1 (got {mu!r})")
 
 
 @register_algorithm
@@ -163,6 +171,10 @@ class GRPO(Algorithm):
     @property
     def uses_old_logprobs(self) -> bool:
         return True
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.params.num_iterations
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         rewards = check_rewards(rewards)
