@@ -121,7 +121,7 @@ class AlgorithmConfig:
 class TrainConfig:
     """Optimisation settings of the update stage."""
 
-    max_steps: int = _f(8, "optimizer steps (one rollout and one update each)")
+    max_steps: int = _f(12, "optimizer steps (one rollout and one update each)")
     learning_rate: float = _f(5e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
