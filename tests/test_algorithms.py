@@ -459,8 +459,10 @@ def test_params_of_another_algorithm_are_rejected():
 
 def test_params_defaults_and_help():
     assert dataclasses.asdict(AAPO.Params()) == {"delta_low": -0.2, "delta_high": 0.28, "clip": True, "eps": 1e-4}
-    assert dataclasses.asdict(GRPO.Params()) == {"epsilon": 0.2, "beta": 0.04, "eps": 1e-4}
-    assert dataclasses.asdict(GPG.Params()) == {"f_norm": "std", "eps": 1e-4}
+    assert dataclasses.asdict(GRPO.Params()) == {"epsilon": 0.2, "beta": 0.04, "eps": 1e-4, "num_iterations": 1}
+    assert dataclasses.asdict(GPG.Params()) == {
+        "f_norm": "std", "eps": 1e-4, "regenerate": False, "min_valid_frac": 0.5, "max_regenerate_tries": 3,
+    }
     for cls in ALGORITHMS.values():
         for f in dataclasses.fields(cls.Params):
             assert f.metadata.get("help"), f"{cls.__name__}.Params.{f.name} has no help"
@@ -708,3 +710,24 @@ def test_dr_grpo_and_dapo_invalid_params_name_the_field(name, kwargs, message):
     with pytest.raises(AapoError) as err:
         build_algorithm(name, params)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("name,params,message", [
+    ("grpo", {"num_iterations": 0}, "algorithm.num_iterations must be an integer >= 1 (got 0)"),
+    ("gpg", {"min_valid_frac": 0.0}, "algorithm.min_valid_frac must be in (0, 1] (got 0.0)"),
+    ("gpg", {"max_regenerate_tries": -1}, "algorithm.max_regenerate_tries must be an integer >= 0 (got -1)"),
+])
+def test_iteration_and_regeneration_params_are_validated(name, params, message):
+    with pytest.raises(AapoError) as err:
+        build_algorithm(name, algorithm_params_class(name)(**params))
+    assert str(err.value) == message
+
+
+def test_resampling_plans():
+    assert build_algorithm("aapo").resampling() is None and build_algorithm("grpo").resampling() is None
+    assert build_algorithm("dapo").resampling() == (3, 1.0)  # refill until every group has spread
+    assert build_algorithm("dapo", DAPO.Params(dynamic_sampling=False)).resampling() is None
+    assert build_algorithm("gpg").resampling() is None
+    assert build_algorithm("gpg", GPG.Params(regenerate=True)).resampling() == (3, 0.5)
+    assert build_algorithm("grpo", GRPO.Params(num_iterations=3)).updates_per_rollout == 3
+    assert build_algorithm("aapo").updates_per_rollout == 1

@@ -47,15 +47,12 @@ from aapo_app.algorithms.base import (
     Algorithm,
     AlgorithmParams,
     LossOutput,
-    aggregate_loss,
     check_rewards,
     check_token_batch,
-    masked_mean,
     require_non_negative,
     require_number,
-    zero_where_masked,
 )
-from aapo_app.algorithms.grpo import group_advantages, k3_kl, ppo_clip_loss, zero_std_groups
+from aapo_app.algorithms.grpo import clipped_pg_kl_loss, group_advantages, zero_std_groups
 from aapo_app.errors import AapoError
 
 
@@ -137,25 +134,5 @@ class DrGRPO(Algorithm):
         constant = float(check_max_completion_length(max_completion_length, mask))
         if self.params.beta > 0 and ref_logprobs is None:
             raise ValueError("Dr. GRPO with beta > 0 needs ref_logprobs")
-        logprobs = zero_where_masked(logprobs, mask)  # [n, L]
-        # One update per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
-        old = logprobs.detach() if old_logprobs is None else old_logprobs
-        pg_per_token, clipped = ppo_clip_loss(
-            logprobs, old, advantages.detach(), mask, self.params.epsilon, self.params.epsilon
-        )
-        per_token = pg_per_token  # [n, L]
-        stats: dict[str, float] = {}
-        if ref_logprobs is not None:
-            kl = k3_kl(logprobs, zero_where_masked(ref_logprobs, mask))  # [n, L], 0 where masked
-            if self.params.beta > 0:
-                per_token = per_token + self.params.beta * kl
-            stats["kl_mean"] = masked_mean(kl, mask)
-        loss = aggregate_loss(per_token, mask, "constant", constant=constant)
-        n_tokens = int(mask.sum())
-        stats.update(
-            loss=float(loss.detach()),
-            pg_loss=float(aggregate_loss(pg_per_token.detach(), mask, "constant", constant=constant)),
-            clip_frac=float(clipped.sum()) / max(n_tokens, 1),
-            num_tokens=float(n_tokens),
-        )
-        return LossOutput(loss=loss, stats=stats)
+        return clipped_pg_kl_loss(logprobs, mask, advantages, old_logprobs, ref_logprobs,
+                                  self.params.epsilon, self.params.beta, "constant", constant=constant)

@@ -120,6 +120,34 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+def clipped_pg_kl_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Tensor | None,
+                       ref_logprobs: Tensor | None, epsilon: float, beta: float, mode: str,
+                       constant: float | None = None) -> LossOutput:
+    """The PPO-clipped policy-gradient loss plus β·k3 KL, aggregated by ``mode`` (GRPO: "seq_mean";
+    Dr. GRPO: "constant"). Stats: loss, pg_loss, clip_frac, num_tokens, and kl_mean when
+    ``ref_logprobs`` is given."""
+    logprobs = zero_where_masked(logprobs, mask)  # [n, L]
+    # One update per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    pg_per_token, clipped = ppo_clip_loss(logprobs, old, advantages.detach(), mask, epsilon, epsilon)
+    per_token = pg_per_token  # [n, L]
+    stats: dict[str, float] = {}
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, zero_where_masked(ref_logprobs, mask))  # [n, L], 0 where masked
+        if beta > 0:
+            per_token = per_token + beta * kl
+        stats["kl_mean"] = masked_mean(kl, mask)
+    loss = aggregate_loss(per_token, mask, mode, constant=constant)
+    n_tokens = int(mask.sum())
+    stats.update(
+        loss=float(loss.detach()),
+        pg_loss=float(aggregate_loss(pg_per_token.detach(), mask, mode, constant=constant)),
+        clip_frac=float(clipped.sum()) / max(n_tokens, 1),
+        num_tokens=float(n_tokens),
+    )
+    return LossOutput(loss=loss, stats=stats)
+
+
 @dataclass
 class GRPOParams(AlgorithmParams):
     """Parameters of GRPO (``algorithm.<field>``)."""
@@ -194,25 +222,5 @@ class GRPO(Algorithm):
         check_token_batch(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
         if self.params.beta > 0 and ref_logprobs is None:
             raise ValueError("GRPO with beta > 0 needs ref_logprobs")
-        logprobs = zero_where_masked(logprobs, mask)  # [n, L]
-        # One update per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
-        old = logprobs.detach() if old_logprobs is None else old_logprobs
-        pg_per_token, clipped = ppo_clip_loss(
-            logprobs, old, advantages.detach(), mask, self.params.epsilon, self.params.epsilon
-        )
-        per_token = pg_per_token  # [n, L]
-        stats: dict[str, float] = {}
-        if ref_logprobs is not None:
-            kl = k3_kl(logprobs, zero_where_masked(ref_logprobs, mask))  # [n, L], 0 where masked
-            if self.params.beta > 0:
-                per_token = per_token + self.params.beta * kl
-            stats["kl_mean"] = masked_mean(kl, mask)
-        loss = aggregate_loss(per_token, mask, "seq_mean")
-        n_tokens = int(mask.sum())
-        stats.update(
-            loss=float(loss.detach()),
-            pg_loss=float(aggregate_loss(pg_per_token.detach(), mask, "seq_mean")),
-            clip_frac=float(clipped.sum()) / max(n_tokens, 1),
-            num_tokens=float(n_tokens),
-        )
-        return LossOutput(loss=loss, stats=stats)
+        return clipped_pg_kl_loss(logprobs, mask, advantages, old_logprobs, ref_logprobs,
+                                  self.params.epsilon, self.params.beta, "seq_mean")
