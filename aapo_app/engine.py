@@ -284,7 +284,10 @@ def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Te
         use_cache=False,
         logits_to_keep=width_c + 1,
     )
-    logits = out.logits[:, :-1, :].float() / temperature  # [n, T_c, V]: position t predicts token t+1
+    logits = out.logits[:, :-1, :]  # [n, T_c, V]: position t predicts token t+1
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least
+        logits = logits.float()
+    logits = logits / temperature
     targets = sequences[:, prompt_width:]  # [n, T_c]
     # log_softmax at the target only: x_target - logsumexp(x), without a [n, T_c, V] log-prob tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
