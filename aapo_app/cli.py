@@ -87,6 +87,165 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
             f"({summary['eval_problems']} problems)"
         )
         click.echo(f"run directory: {summary['output_dir']}")
+        if summary["checkpoint"]:
+            click.echo(f"checkpoint: {summary['checkpoint']} (evaluate it with: aapo eval --run {summary['output_dir']})")
+
+
+@main.command("eval", context_settings={"show_default": True})
+@click.option("--model", "models", multiple=True,
+              help="Model to evaluate (hub id, HF directory, .gguf, embedded:smollm2-135m-instruct); repeat for "
+                   "several rows. Without --model or --run: the embedded default.")
+@click.option("--run", "run_dir", default=None, help="A training run directory: evaluate its saved checkpoints.")
+@click.option("--step", default="latest", help="With --run: latest, all, or a step number.")
+@click.option("--benchmarks", default="all", help="all, or a comma list of aime24, math500, amc23, minerva, olympiadbench.")
+@click.option("--data-dir", default=None, help="Local benchmark files laid out like ../shared/benchmarks "
+                                                "(<dir>/aime24/test.jsonl, ...); default: the hub datasets.")
+@click.option("--protocol", default="lighteval", type=click.Choice(["lighteval", "simplerl"]),
+              help="lighteval: chat template, Qwen evaluation prompt, T 0.6, top-p 0.95, 32768 tokens, math-verify. "
+                   "simplerl: no system prompt, T 1.0, top-p 0.95, 3072 tokens, Qwen2.5-Math extraction/equality.")
+@click.option("--temperature", type=float, default=None, help="Override the protocol's temperature.")
+@click.option("--top-p", type=float, default=None, help="Override the protocol's top-p.")
+@click.option("--top-k", type=int, default=None, help="Top-k sampling (0 = off).")
+@click.option("--greedy", is_flag=True, help="Greedy decoding (one sample per problem).")
+@click.option("--max-new-tokens", type=int, default=None, help="Override the protocol's generation length "
+                                                                "(capped at the model's context).")
+@click.option("--system-prompt", default=None, help="A system message (default: none under both protocols).")
+@click.option("--prompt-template", default=None, help="User message with {problem}; default: the protocol's.")
+@click.option("--no-chat-template", is_flag=True, help="Plain-text prompts even if the tokenizer has a chat template.")
+@click.option("--n-samples", type=int, default=None, help="Samples per problem (pass@1 is their mean).")
+@click.option("--k", "k_text", default=None, help="Comma list of k for unbiased pass@k, e.g. 1,4,16 (default 1).")
+@click.option("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
+@click.option("--batch-size", type=int, default=None, help="Problems per generation batch (default 8).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default 0).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf",
+              help="hf: the engine's generation mode (CPU or GPU); vllm: vLLM on each rank's GPU.")
+@click.option("--ds-config", type=click.Path(dir_okay=False), default=None,
+              help="DeepSpeed inference config for --backend hf (default ds_configs/zero3_inference_cpu.json, "
+                   "zero3_inference_bf16.json on CUDA).")
+@click.option("--output-dir", default=None, help="Where results go (default eval_results/eval-<UTC time>, "
+                                                 "or <run>/eval/eval-<UTC time> with --run).")
+@click.option("--verify-timeout", type=float, default=None, help="Seconds allowed to grade one answer (default 10).")
+@click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
+def eval_command(models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
+                 max_new_tokens, system_prompt, prompt_template, no_chat_template, n_samples, k_text, limit,
+                 batch_size, seed, backend, ds_config, output_dir, verify_timeout, local_rank):
+    """Evaluate models on the paper's math benchmarks: pass@1 / pass@k, a markdown table, results.json
+    and every sample in samples.jsonl. Run under the deepspeed launcher to shard problems over ranks."""
+    try:
+        _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, dict(
+            temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, max_new_tokens=max_new_tokens,
+            system_prompt=system_prompt, prompt_template=prompt_template, n_samples=n_samples, limit=limit,
+            batch_size=batch_size, seed=seed, backend=backend, verify_timeout_s=verify_timeout,
+            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir)
+    except AapoError as exc:
+        _fail(str(exc))
+
+
+def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, k_text, ds_config, output_dir):
+    import time
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import torch
+
+    from aapo_app import evaluate as E
+    from aapo_app.benchmarks import load_benchmark, parse_benchmark_names
+    from aapo_app.ds_config import (DEFAULT_EVAL_CONFIG_GPU, DEFAULT_REFERENCE_CONFIG, fill_inference_ds_config,
+                                    read_ds_config)
+    from aapo_app.engine import broadcast_object, init_distributed
+    from aapo_app.models import EMBEDDED_DEFAULT, resolve_model_path
+
+    # every check that user input can fail runs before any engine is built
+    if k_text is not None:
+        overrides["k"] = E.parse_k(k_text)
+    settings = E.protocol_settings(protocol, **overrides)
+    names = parse_benchmark_names(benchmarks)
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise AapoError(f"--data-dir: '{data_dir}' is not a directory; point it at benchmark files laid out like "
+                        f"<dir>/aime24/test.jsonl")
+    if run_dir and models:
+        raise AapoError("--run and --model are exclusive; evaluate a run's checkpoints or named models")
+    specs = E.run_checkpoints(run_dir, step) if run_dir else [
+        E.ModelSpec(Path(m.rstrip("/")).name or m, m) for m in (models or (EMBEDDED_DEFAULT,))]
+    for spec in specs:
+        resolve_model_path(spec.path, convert=False)
+    if data_dir is not None:
+        for name in names:
+            load_benchmark(name, data_dir, settings.limit)
+    if settings.backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA machine, "
+                            "or use --backend hf")
+        if not torch.cuda.is_available():
+            raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+    default_ds = DEFAULT_EVAL_CONFIG_GPU if torch.cuda.is_available() else DEFAULT_REFERENCE_CONFIG
+    ds = read_ds_config(ds_config, default_ds)
+
+    if output_dir is not None and (Path(output_dir) / "results.json").exists():
+        raise AapoError(f"--output-dir: '{output_dir}' already holds results; choose a new directory")
+
+    rank, world = init_distributed()
+    ds = fill_inference_ds_config(ds, world)
+    if output_dir is None:  # one stamp for every rank
+        stamp = broadcast_object(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+        base = Path(specs[0].source["run"]) / "eval" if run_dir else Path("eval_results")
+        output_dir = str(base / f"eval-{stamp}")
+    out = Path(output_dir)
+    problem = None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"--output-dir: cannot create '{out}' ({exc.strerror}); choose a writable directory"
+    problem = broadcast_object(problem)
+    if problem:
+        raise AapoError(problem)
+
+    start = time.perf_counter()
+    results, records = {}, []
+    for spec in specs:
+        rows = E.evaluate_model(spec, names, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
+                                log=lambda m: click.echo(m, err=True))
+        if rank == 0:
+            results[spec.label] = E.summarize(rows, names, settings.k)
+            records += rows
+    if rank != 0:
+        return
+    paths = E.write_results(out, specs, names, settings, data_dir, results, records, time.perf_counter() - start)
+    click.echo(paths["markdown"].read_text())
+    click.echo(f"results: {paths['json']}\ntable: {paths['markdown']}\nsamples: {paths['samples']}")
+
+
+@main.command("grade")
+@click.argument("gold")
+@click.argument("prediction")
+@click.option("--protocol", default="lighteval", type=click.Choice(["lighteval", "simplerl"]), show_default=True,
+              help="lighteval: math-verify (the training reward). simplerl: Qwen2.5-Math extraction and equality.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds allowed for grading.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON object.")
+def grade_command(gold, prediction, protocol, timeout, as_json):
+    """Grade PREDICTION (a model's text, e.g. '... the answer is \\boxed{1/2}') against GOLD (a bare answer)
+    and print what was extracted from each and the verdict. The training reward and `aapo eval` use this
+    same grader. PREDICTION '-' reads it from standard input."""
+    import json
+
+    from aapo_app.grader import grade
+
+    if prediction == "-":
+        prediction = sys.stdin.read()
+    if not gold.strip():
+        _fail("GOLD is empty; give the reference answer, e.g. '\\frac{1}{2}'")
+    result = grade(gold, prediction, timeout_s=timeout, protocol=protocol)
+    if as_json:
+        click.echo(json.dumps({"protocol": protocol, "gold": result.gold, "predicted": result.predicted,
+                               "correct": result.correct, "status": result.status}))
+        return
+    click.echo(f"protocol:  {protocol}")
+    click.echo(f"gold:      {result.gold or '(nothing parsed)'}")
+    click.echo(f"predicted: {result.predicted or '(nothing extracted)'}")
+    click.echo(f"verdict:   {'correct' if result.correct else 'wrong'} (status {result.status})")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(40, "completion length limit of the greedy held-out evaluation")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     log_rollouts: bool = _f(True, "append every group (prompt, completions, rewards, advantages) to rollouts/rank<r>.jsonl")
+    save_every: int = _f(0, "save the policy as a Hugging Face checkpoint (checkpoints/step-N) every N steps (0 = off)")
+    save_final: bool = _f(True, "save the policy after the last step (checkpoints/step-<max_steps>); `aapo eval --run` reads these")
 
     def validate(self) -> None:
         _positive("train.max_steps", self.max_steps)
@@ -142,6 +144,8 @@ class TrainConfig:
             raise AapoError(f"train.learning_rate must be > 0 (got {self.learning_rate})")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise AapoError("train.warmup_steps, eval_every, max_grad_norm and weight_decay must be >= 0")
+        if self.save_every < 0:
+            raise AapoError(f"train.save_every must be >= 0 (got {self.save_every}); 0 turns periodic saving off")
 
 
 @dataclass

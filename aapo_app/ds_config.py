@@ -15,6 +15,7 @@ from aapo_app.errors import AapoError
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 DEFAULT_POLICY_CONFIG = "zero3_cpu.json"
 DEFAULT_REFERENCE_CONFIG = "zero3_inference_cpu.json"
+DEFAULT_EVAL_CONFIG_GPU = "zero3_inference_bf16.json"
 
 
 def read_ds_config(path: str | Path | None, default_name: str, option: str = "--ds-config") -> dict:
@@ -81,4 +82,18 @@ def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dic
             _fill(sched, "warmup_num_steps", run.train.warmup_steps, "train.warmup_steps", "scheduler.params.")
         if "total_num_steps" in sched:
             _fill(sched, "total_num_steps", run.train.max_steps, "train.max_steps", "scheduler.params.")
+    return ds
+
+
+def fill_inference_ds_config(ds: dict, world_size: int, option: str = "--ds-config") -> dict:
+    """An inference-only engine (evaluation): batch fields default to 1 per rank, no optimizer."""
+    ds = copy.deepcopy(ds)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise AapoError(f"{option}: an evaluation engine has no '{key}'; remove it (see ds_configs/zero3_inference_*.json)")
+    for key, value in (("train_micro_batch_size_per_gpu", 1), ("gradient_accumulation_steps", 1),
+                       ("train_batch_size", world_size)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("gradient_clipping", None)
     return ds

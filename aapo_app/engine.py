@@ -248,6 +248,19 @@ class ZeroModel:
             if self.trainable:  # the policy always goes back to training mode
                 self.engine.train()
 
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Write the full weights as a Hugging Face directory (rank 0 writes; every rank must call:
+        gathering ZeRO-3 partitions is collective)."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with self.generation_mode() as module:
+            if rank == 0:
+                module.save_pretrained(path)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(path)
+        barrier()
+
     @property
     def synced_gpus(self) -> bool:
         """Layer-wise ZeRO-3 generation needs every rank to keep stepping until all are done."""

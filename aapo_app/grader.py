@@ -8,15 +8,22 @@ Usage::
 
     grade("7", "the answer is \\boxed{7}").correct  # module-level, shared lazily created Grader
 
-How an item is graded (math-verify, the lighteval / open-r1 protocol):
+Two protocols (``PROTOCOLS``), chosen per Grader:
+
+* ``lighteval`` (default; the training reward, the paper's Qwen rows): math-verify, below.
+* ``simplerl`` (the paper's Llama rows): Qwen2.5-Math-style extraction and equality,
+  :mod:`aapo_app.answers`.
+
+How an item is graded under ``lighteval`` (math-verify, the lighteval / open-r1 protocol):
 
 1. The gold is a bare answer string ("7", "\\frac{1}{2}", "27.0", "(1,2)"). It is wrapped as
    ``$gold$`` and parsed with ``LatexExtractionConfig()``; a gold that already carries its own
-   ``$`` or ``\\boxed{}`` is parsed as is. If that extracts nothing, the bare string is parsed
-   with ``ExprExtractionConfig()`` (plain numbers).
+   ``$`` (not an escaped ``\\$``, a currency sign) or ``\\boxed{}`` is parsed as is. If that
+   extracts nothing, the bare string is parsed with ``ExprExtractionConfig()`` (plain numbers).
 2. The prediction is parsed with ``[LatexExtractionConfig(boxed_match_priority=0),
    ExprExtractionConfig()]``: the last ``\\boxed{}`` first, else the last LaTeX / plain expression.
-3. ``verify(gold_parsed, pred_parsed)`` decides.
+3. A last ``\\boxed{}`` that is word for word the gold (spaces aside) is correct; otherwise
+   ``verify(gold_parsed, pred_parsed)`` decides.
 
 Time bounds. math-verify bounds its own work with ``signal.alarm``, which only works in a
 process's main thread, and a SIGALRM handler cannot interrupt a long C call at all. So every item
@@ -40,6 +47,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -49,6 +57,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 STATUSES = ("ok", "no_answer", "timeout", "error")
+PROTOCOLS = ("lighteval", "simplerl")
 _KILL_MARGIN_S = 2.0  # parent's hard bound = timeout_s + this
 _STARTUP_TIMEOUT_S = 120.0  # a worker must import math-verify within this
 _MAX_START_FAILURES = 3  # per call; then the remaining items score "error"
@@ -61,7 +70,7 @@ class GradeResult:
     """The verdict on one (gold, prediction) pair.
 
     Attributes:
-        correct: True iff math-verify judged the prediction equal to the gold.
+        correct: True iff the protocol judged the prediction equal to the gold.
         status: "ok" (graded), "no_answer" (nothing in the prediction parsed into a mathematical
             expression, and no string match), "timeout" (over ``timeout_s``) or "error" (an
             exception, a crashed worker, or a gold that math-verify cannot parse).
@@ -97,20 +106,35 @@ def _parse_gold(gold: str) -> list:
     """Parse a bare gold answer: as LaTeX in ``$...$`` (or as is), else as a plain expression."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    text = gold if ("$" in gold or "\\boxed" in gold) else f"${gold}$"
+    delimited = re.search(r"(?<!\\)\$", gold) or "\\boxed" in gold  # an escaped \$ is a currency sign
+    text = gold if delimited else f"${gold}$"
     parsed = parse(text, [LatexExtractionConfig()], parsing_timeout=None, raise_on_error=True)
     if not parsed:
         parsed = parse(gold, [ExprExtractionConfig()], parsing_timeout=None, raise_on_error=True)
     return parsed
 
 
-def _grade_item(gold: str, prediction: str, seen: dict) -> GradeResult:
-    """Grade one pair with math-verify (no time bound here; the caller holds the alarm).
+def _same_text(a: str | None, b: str) -> bool:
+    return a is not None and "".join(a.split()) == "".join(b.split())
+
+
+def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lighteval") -> GradeResult:
+    """Grade one pair under ``protocol`` (no time bound here; the caller holds the alarm).
 
     ``seen`` receives the extracted texts as they become known, so a timeout can still report them.
     """
+    if protocol == "simplerl":
+        from aapo_app.answers import extract_answer, math_equal, strip_string
+
+        seen["gold"] = strip_string(gold)
+        seen["predicted"] = extract_answer(prediction)
+        correct = math_equal(seen["predicted"], seen["gold"])
+        status = "ok" if correct or seen["predicted"] else "no_answer"
+        return GradeResult(correct, status, seen["gold"], seen["predicted"])
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from sympy import Basic, MatrixBase
+
+    from aapo_app.answers import last_boxed
 
     gold_parsed = _parse_gold(gold)
     seen["gold"] = _text(gold_parsed)
@@ -123,6 +147,8 @@ def _grade_item(gold: str, prediction: str, seen: dict) -> GradeResult:
         raise_on_error=True,
     )
     seen["predicted"] = _text(pred_parsed)
+    if _same_text(last_boxed(prediction), gold):  # word for word the gold (e.g. a prose answer)
+        return GradeResult(True, "ok", seen["gold"], seen["predicted"])
     # raise_on_error=False (math-verify's default): an error on one (gold, pred) candidate pair
     # must not hide a match on another, e.g. the plain string comparison.
     correct = bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
@@ -138,7 +164,8 @@ def _worker_main(conn: Connection) -> None:
     # We switch math-verify's timeouts off and bound items ourselves; silence its warning about it.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:  # warm up (imports, parser set-up) before "ready", so no item's time budget pays for it
-        _grade_item("1", "\\boxed{1}", {})
+        for protocol in PROTOCOLS:
+            _grade_item("\\frac{1}{2}", "\\boxed{0.5}", {}, protocol)
     except Exception:
         pass
     conn.send(_READY)
@@ -149,12 +176,12 @@ def _worker_main(conn: Connection) -> None:
             return
         if message is None:
             return
-        gold, prediction, timeout_s = message
+        gold, prediction, timeout_s, protocol = message
         seen = {"gold": "", "predicted": ""}
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
-                result = _grade_item(gold, prediction, seen)
+                result = _grade_item(gold, prediction, seen, protocol)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _ItemTimeout:
@@ -182,8 +209,9 @@ class _Worker:
         self.deadline = time.monotonic() + _STARTUP_TIMEOUT_S  # until ready, then per item
         self.item: int | None = None
 
-    def send(self, index: int, gold: str, prediction: str, timeout_s: float, hard_timeout_s: float) -> None:
-        self.conn.send((gold, prediction, timeout_s))
+    def send(self, index: int, gold: str, prediction: str, timeout_s: float, hard_timeout_s: float,
+             protocol: str) -> None:
+        self.conn.send((gold, prediction, timeout_s, protocol))
         self.item = index
         self.deadline = time.monotonic() + hard_timeout_s
 
@@ -206,12 +234,13 @@ class _Worker:
 
 
 class Grader:
-    """Grades predictions against gold answers with math-verify, in a pool of worker processes.
+    """Grades predictions against gold answers, in a pool of worker processes.
 
     Args:
         timeout_s: time bound for one item (parsing both sides and verifying). The parent kills a
             worker that overruns ``hard_timeout_s = timeout_s + 2`` seconds.
         num_workers: worker processes; default ``min(2, os.cpu_count())``.
+        protocol: "lighteval" (math-verify) or "simplerl" (Qwen2.5-Math style), see the module doc.
 
     Attributes:
         stats: running counts since creation: "graded", "timeout", "error", "no_answer", and
@@ -219,9 +248,12 @@ class Grader:
         hard_timeout_s: the parent's wall-clock bound per item (tests lower it to exercise the kill).
     """
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int | None = None):
+    def __init__(self, timeout_s: float = 5.0, num_workers: int | None = None, protocol: str = "lighteval"):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
+        self.protocol = protocol
         self.timeout_s = float(timeout_s)
         self.hard_timeout_s = self.timeout_s + _KILL_MARGIN_S
         self.num_workers = max(1, num_workers or min(2, os.cpu_count() or 1))
@@ -311,7 +343,7 @@ class Grader:
                 if worker.ready and worker.item is None and pending:
                     i = pending.popleft()
                     try:
-                        worker.send(i, golds[i], predictions[i], timeout_s, hard_timeout_s)
+                        worker.send(i, golds[i], predictions[i], timeout_s, hard_timeout_s, self.protocol)
                     except OSError:  # died while idle: put the item back
                         pending.appendleft(i)
                         replace(worker, "error")
@@ -342,15 +374,17 @@ class Grader:
         self._workers = []
 
 
-_shared: Grader | None = None
+_shared: dict[str, Grader] = {}
 _shared_lock = threading.Lock()
 
 
-def grade(gold: str, prediction: str, timeout_s: float = 5.0) -> GradeResult:
-    """Grade one pair with a lazily created module-level Grader (stopped at interpreter exit)."""
-    global _shared
+def grade(gold: str, prediction: str, timeout_s: float = 5.0, protocol: str = "lighteval") -> GradeResult:
+    """Grade one pair with a lazily created module-level Grader per protocol (stopped at exit).
+
+    The same code grades the training reward and ``aapo eval``; ``aapo grade`` prints its result."""
     with _shared_lock:
-        if _shared is None:
-            _shared = Grader()
-            atexit.register(_shared.close)
-    return _shared._grade_all([gold], [prediction], timeout_s, timeout_s + _KILL_MARGIN_S)[0]
+        if protocol not in _shared:
+            _shared[protocol] = Grader(protocol=protocol)
+            atexit.register(_shared[protocol].close)
+        grader = _shared[protocol]
+    return grader._grade_all([gold], [prediction], timeout_s, timeout_s + _KILL_MARGIN_S)[0]

@@ -67,37 +67,52 @@ def finish_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     )
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
-           max_new_tokens: int, temperature: float | None, top_p: float = 1.0, top_k: int = 0,
-           seed: int, generation_batch_size: int = 0, eos_ids: list[int]) -> Samples:
-    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None)."""
-    from aapo_app.engine import device
-
-    ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [P*G, T_p], prompt-major
-    mask = prompt_mask.repeat_interleave(num_samples, dim=0)
-    chunk = generation_batch_size or ids.shape[0]
+def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float | None, top_p: float = 1.0,
+                      top_k: int = 0, eos_ids: list[int], synced_gpus: bool = False) -> dict:
+    """``generate`` keyword arguments: sampling at ``temperature``, or greedy when it is None."""
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-                  synced_gpus=model.synced_gpus, use_cache=True)
+                  synced_gpus=synced_gpus, use_cache=True)
     if temperature is None:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, seed: int, chunk: int,
+                     kwargs: dict, eos_ids: list[int]) -> Samples:
+    """Generate from rows ``[N, T_p]`` on a module already in generation mode, ``chunk`` rows per call."""
+    from aapo_app.engine import device
+
     dev = device()
     pieces = []
-    with model.generation_mode() as gen:
-        torch.manual_seed(seed)
-        for start in range(0, ids.shape[0], chunk):
-            out = gen.generate(input_ids=ids[start:start + chunk].to(dev),
-                               attention_mask=mask[start:start + chunk].long().to(dev), **kwargs)
-            pieces.append(out[:, ids.shape[1]:].cpu())
+    torch.manual_seed(seed)
+    for start in range(0, ids.shape[0], chunk or ids.shape[0]):
+        stop = start + (chunk or ids.shape[0])
+        out = gen.generate(input_ids=ids[start:stop].to(dev), attention_mask=mask[start:stop].long().to(dev), **kwargs)
+        pieces.append(out[:, ids.shape[1]:].cpu())
     width = max(p.shape[1] for p in pieces)
     completion = torch.full((ids.shape[0], width), tokenizer.pad_token_id, dtype=ids.dtype)
     row = 0
     for p in pieces:
         completion[row:row + p.shape[0], :p.shape[1]] = p
         row += p.shape[0]
-    return finish_samples(tokenizer, ids, mask, completion, eos_ids, max_new_tokens)
+    return finish_samples(tokenizer, ids, mask, completion, eos_ids, kwargs["max_new_tokens"])
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
+           max_new_tokens: int, temperature: float | None, top_p: float = 1.0, top_k: int = 0,
+           seed: int, generation_batch_size: int = 0, eos_ids: list[int]) -> Samples:
+    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None)."""
+    ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [P*G, T_p], prompt-major
+    mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, eos_ids=eos_ids, synced_gpus=model.synced_gpus)
+    with model.generation_mode() as gen:
+        return generate_in_mode(gen, tokenizer, ids, mask, seed=seed, chunk=generation_batch_size, kwargs=kwargs,
+                                eos_ids=eos_ids)
 
 
 @torch.no_grad()

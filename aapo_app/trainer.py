@@ -157,6 +157,21 @@ class Trainer:
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
 
+    def save_checkpoint(self, step: int) -> Path:
+        """The policy's full weights and the tokenizer as ``checkpoints/step-<step>`` (HF format),
+        written to a temporary name and renamed, so a directory that exists is complete."""
+        final = self.output_dir / "checkpoints" / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(tmp, self.tokenizer)
+        if self.rank == 0:
+            (tmp / "aapo_checkpoint.json").write_text(json.dumps(
+                {"step": step, "algorithm": self.cfg.algorithm.name, "base_model": self.cfg.model.path}))
+            tmp.rename(final)
+        barrier()
+        return final
+
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy (and format rate), problems sharded over ranks."""
@@ -266,6 +281,8 @@ class Trainer:
                 m.update(self.evaluate())
             self.history.append(m)
             self.log(m)
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or (step == steps and cfg.train.save_final):
+                self.save_checkpoint(step)
             if self.rank == 0:
                 bar.set_postfix(r=f"{m['reward/mean']:.2f}", loss=f"{m['loss']:.3g}")
                 if step % cfg.train.log_every == 0 or step == steps:
@@ -282,6 +299,7 @@ class Trainer:
             "eval_format_before": before.get("eval/format_rate"),
             "eval_format_after": after.get("eval/format_rate"),
             "eval_problems": len(self.eval_examples),
+            "checkpoint": str(self.output_dir / "checkpoints" / f"step-{steps}") if cfg.train.save_final else None,
         }
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -39,7 +39,8 @@ def run_all(args, extra: list[str]) -> None:
                 f.unlink() if f.is_file() else f.rmdir()
             run_dir.rmdir()
         cmd = [sys.executable, "-m", "aapo_app", "train", "--max-steps", str(args.steps), "--seed", str(seed),
-               "--output-dir", str(run_dir), f"algorithm.name={algo}", "train.log_rollouts=false", *extra]
+               "--output-dir", str(run_dir), f"algorithm.name={algo}", "train.log_rollouts=false", "train.save_final=false",
+               *extra]
         print(f"[{k}/{len(runs)}] + {' '.join(cmd)}", flush=True)
         start = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -95,6 +95,11 @@ def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
     assert 0.0 <= summary["eval_before"] <= 1.0 and summary["eval_problems"] == 2
     groups = [json.loads(x) for x in (out / "rollouts" / "rank0.jsonl").read_text().splitlines()]
     assert len(groups) == 2 and all(len(g["ref_completions"]) == 2 for g in groups)
+    # the final checkpoint: a complete HF directory of the real (tied-embedding) model
+    ckpt = out / "checkpoints" / "step-1"
+    assert f"checkpoint: {ckpt}" in proc.stdout and summary["checkpoint"] == str(ckpt)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "aapo_checkpoint.json"} <= {
+        p.name for p in ckpt.iterdir()}
 
 
 def test_readme_glossary_defines_every_metric():

@@ -1,0 +1,444 @@
+"""``aapo eval``: the paper's five math benchmarks under the lighteval or simplerl protocol.
+
+Flow per model: load the benchmarks (hub or ``--data-dir``), render prompts, cut the problems into
+fixed global batches of ``batch_size`` problems, give batch ``b`` to rank ``b % world``, sample
+``n_samples`` completions per problem with the seed ``stream_seed(seed, benchmark, b)``, grade every
+completion with the protocol's grader, gather the per-sample records on rank 0, and compute
+pass@1 (mean over samples) and unbiased pass@k. Because batch composition and seeds depend only on
+the global batch index, a run on N ranks computes exactly the batches a 1-rank run computes, and
+gives the same numbers.
+
+Backends: ``hf`` runs ``generate`` on the engine's generation mode (a ZeRO-3 inference engine,
+the same code path as training rollouts); ``vllm`` runs vLLM's offline ``LLM`` on each rank's GPU
+with one seeded request per problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from aapo_app.benchmarks import BENCHMARKS, load_benchmark
+from aapo_app.errors import AapoError
+
+QWEN_EVAL_PROMPT = (
+    "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
+    "the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' (without "
+    "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
+    "before answering.\n\n{problem}"
+)
+SIMPLERL_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides the numbers; written into results.json as is."""
+
+    protocol: str = "lighteval"
+    prompt_template: str = QWEN_EVAL_PROMPT  # "{problem}" is replaced by the problem text
+    system_prompt: str | None = None
+    use_chat_template: bool = True
+    temperature: float | None = 0.6  # None = greedy
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 32768
+    n_samples: int = 1
+    k: tuple[int, ...] = (1,)
+    seed: int = 0
+    batch_size: int = 8  # problems per generation batch (x n_samples rows)
+    limit: int | None = None
+    backend: str = "hf"
+    verify_timeout_s: float = 10.0
+    grader_workers: int | None = None
+
+
+PROTOCOLS: dict[str, EvalSettings] = {
+    # lighteval / open-rs (the paper's Qwen rows): chat template, Qwen evaluation prompt, T 0.6, top-p 0.95
+    "lighteval": EvalSettings(),
+    # simpleRL-Zoo / Qwen2.5-Math evaluation (the paper's Llama rows): no system prompt, T 1.0, top-p 0.95
+    "simplerl": EvalSettings(protocol="simplerl", prompt_template=SIMPLERL_PROMPT, system_prompt=None,
+                             temperature=1.0, top_p=0.95, max_new_tokens=3072),
+}
+
+
+def protocol_settings(protocol: str, **overrides) -> EvalSettings:
+    """The protocol's defaults with every non-None override applied, validated."""
+    if protocol not in PROTOCOLS:
+        raise AapoError(f"--protocol: unknown protocol '{protocol}'; choose {' or '.join(PROTOCOLS)}")
+    greedy = overrides.pop("greedy", False)
+    known = {f.name for f in fields(EvalSettings)}
+    settings = replace(PROTOCOLS[protocol], **{k: v for k, v in overrides.items() if v is not None and k in known})
+    if greedy:
+        settings.temperature = None
+    validate_settings(settings)
+    return settings
+
+
+def validate_settings(s: EvalSettings) -> None:
+    if "{problem}" not in s.prompt_template:
+        raise AapoError("--prompt-template must contain '{problem}' where the problem text goes")
+    if s.temperature is not None and not s.temperature > 0:
+        raise AapoError(f"--temperature must be > 0 (got {s.temperature}); use --greedy for greedy decoding")
+    if not 0 < s.top_p <= 1:
+        raise AapoError(f"--top-p must be in (0, 1] (got {s.top_p})")
+    for name in ("max_new_tokens", "n_samples", "batch_size"):
+        if getattr(s, name) < 1:
+            raise AapoError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
+    if s.limit is not None and s.limit < 1:
+        raise AapoError(f"--limit must be >= 1 (got {s.limit})")
+    if not s.k or any(k < 1 for k in s.k):
+        raise AapoError(f"--k: give positive integers like 1,4,8 (got {','.join(map(str, s.k))})")
+    if max(s.k) > s.n_samples:
+        raise AapoError(f"--k {max(s.k)} needs at least {max(s.k)} samples per problem; "
+                        f"set --n-samples {max(s.k)} or more")
+    if s.temperature is None and s.n_samples > 1:
+        raise AapoError("--greedy gives one answer per problem; drop --greedy or use --n-samples 1")
+    if s.backend not in ("hf", "vllm"):
+        raise AapoError(f"--backend must be hf or vllm (got {s.backend})")
+
+
+def parse_k(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise AapoError(f"--k: give positive integers like 1,4,8 (got '{text}')") from None
+    if not ks:
+        raise AapoError(f"--k: give positive integers like 1,4,8 (got '{text}')")
+    return ks
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) for n samples of which c are correct."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def benchmark_scores(records: list[dict], ks: tuple[int, ...]) -> dict:
+    """pass@k (in %) over problems, from per-sample records of one benchmark."""
+    by_problem: dict[str, list[bool]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    scores = {}
+    for k in ks:
+        values = [pass_at_k(len(v), sum(v), k) for v in by_problem.values()]
+        scores[f"pass@{k}"] = 100.0 * sum(values) / len(values) if values else float("nan")
+    scores["problems"] = len(by_problem)
+    scores["samples"] = len(records)
+    for status in ("no_answer", "timeout", "error"):
+        scores[status] = sum(r["status"] == status for r in records)
+    scores["truncated"] = sum(bool(r.get("truncated")) for r in records)
+    return scores
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def render_eval_prompt(tokenizer, problem: str, s: EvalSettings) -> tuple[str, bool]:
+    """(prompt text, add_special_tokens): the chat template when asked for and available."""
+    user = s.prompt_template.replace("{problem}", problem)
+    if s.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": s.system_prompt}] if s.system_prompt else [])
+        messages.append({"role": "user", "content": user})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    text = f"{s.system_prompt}\n\n{user}" if s.system_prompt else user
+    return text, True
+
+
+# --------------------------------------------------------------------------- generation backends
+
+
+class HFBackend:
+    """Sampling on a ZeRO-3 inference engine's generation mode (the training rollout's code path)."""
+
+    def __init__(self, model_path: str, ds_config: dict, tokenizer):
+        from aapo_app.engine import ZeroModel
+        from aapo_app.models import load_causal_lm
+        from aapo_app.rollout import eos_token_ids
+
+        import torch
+
+        bf16 = ds_config.get("bf16", {}).get("enabled", False)
+        fp16 = ds_config.get("fp16", {}).get("enabled", False)
+        dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+        self.model = ZeroModel(load_causal_lm(model_path, dtype=dtype), ds_config, trainable=False, gather="full")
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, self.model.module)
+        self.max_positions = getattr(self.model.module.config, "max_position_embeddings", None)
+        self._gen = None
+
+    def session(self):
+        """Gather the weights once for all of a rank's batches (collective on entry and exit)."""
+        return self.model.generation_mode()
+
+    def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
+                 max_new_tokens: int) -> list[dict]:
+        from aapo_app.rollout import encode_prompts, generate_in_mode, generation_kwargs
+
+        ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
+        ids, mask = ids.repeat_interleave(s.n_samples, 0), mask.repeat_interleave(s.n_samples, 0)
+        kwargs = generation_kwargs(self.tokenizer, max_new_tokens=max_new_tokens, temperature=s.temperature,
+                                   top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids)
+        out = generate_in_mode(gen, self.tokenizer, ids, mask, seed=seed, chunk=0, kwargs=kwargs,
+                               eos_ids=self.eos_ids)
+        return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
+                for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
+
+    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMBackend:
+    """vLLM's offline engine on this rank's GPU; one request per problem with its own seed, so the
+    samples do not depend on how requests are batched."""
+
+    def __init__(self, model_path: str, tokenizer, seed: int, dtype: str = "auto"):
+        try:
+            import vllm
+        except ImportError:
+            raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA "
+                            "machine, or use --backend hf") from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+        import torch.distributed as dist
+
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        kwargs = {}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # one engine per rank inside the launcher's processes, on the rank's own GPU (as TRL's
+            # colocated mode does); without it every rank's engine would claim GPU 0
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, dtype=dtype,
+                            tensor_parallel_size=1, enable_prefix_caching=True, **kwargs)
+        try:
+            self.max_positions = self.llm.llm_engine.model_config.max_model_len
+        except AttributeError:
+            self.max_positions = None
+
+    def session(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
+                 max_new_tokens: int) -> list[dict]:
+        from aapo_app.rollout import stream_seed
+
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            requests.append({"prompt_token_ids": ids})
+            greedy = s.temperature is None
+            params.append(self.vllm.SamplingParams(
+                n=s.n_samples, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
+                top_k=0 if greedy else s.top_k, max_tokens=max_new_tokens,
+                seed=stream_seed(seed, i), skip_special_tokens=True))
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        records = []
+        for out in outputs:
+            for c in out.outputs:
+                truncated = c.finish_reason == "length"
+                records.append({"completion": c.text, "tokens": len(c.token_ids), "truncated": truncated})
+        return records
+
+    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ModelSpec:
+    """One row of the results table."""
+
+    label: str
+    path: str  # what resolve_model_path accepts
+    source: dict = field(default_factory=dict)  # e.g. {"run": dir, "step": 12}
+
+
+def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
+    """The saved checkpoints of a training run: ``latest``, ``all``, or one step number."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise AapoError(f"--run: '{run_dir}' is not a directory; give a training run directory")
+    found = {}
+    for d in (root / "checkpoints").glob("step-*"):
+        tail = d.name[len("step-"):]
+        if tail.isdigit() and (d / "config.json").is_file():
+            found[int(tail)] = d
+    if not found:
+        raise AapoError(f"--run: '{run_dir}' has no checkpoints/step-N (the run saves one at its end with "
+                        f"train.save_final=true, or every train.save_every steps)")
+    if step == "latest":
+        steps = [max(found)]
+    elif step == "all":
+        steps = sorted(found)
+    else:
+        if not str(step).isdigit() or int(step) not in found:
+            raise AapoError(f"--step: no checkpoint step-{step} in '{run_dir}'; saved steps: "
+                            f"{', '.join(map(str, sorted(found)))} (or use latest / all)")
+        steps = [int(step)]
+    name = root.resolve().name
+    return [ModelSpec(f"{name}@step-{s}", str(found[s]), {"run": str(root), "step": s}) for s in steps]
+
+
+def _grade(records: list[dict], s: EvalSettings) -> None:
+    from aapo_app.grader import Grader
+
+    with Grader(timeout_s=s.verify_timeout_s, num_workers=s.grader_workers, protocol=s.protocol) as grader:
+        results = grader.grade_many([r["gold"] for r in records], [r["completion"] for r in records])
+    for r, g in zip(records, results):
+        r.update(extracted=g.predicted, gold_parsed=g.gold, correct=bool(g.correct), status=g.status)
+
+
+def _gather_records(records: list[dict], rank: int, world: int) -> list[dict]:
+    import torch.distributed as dist
+
+    if world == 1:
+        return records
+    box = [None] * world if rank == 0 else None
+    dist.gather_object(records, box, dst=0)
+    return [r for part in box for r in part] if rank == 0 else []
+
+
+def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, data_dir: str | None,
+                   ds_config: dict, rank: int, world: int, log=print) -> list[dict]:
+    """All benchmarks for one model; returns the per-sample records (complete on rank 0 only)."""
+    from tqdm import tqdm
+
+    from aapo_app.engine import barrier
+    from aapo_app.models import load_tokenizer, resolve_model_path
+    from aapo_app.rollout import stream_seed
+
+    if rank == 0:
+        path = resolve_model_path(spec.path)
+    barrier()
+    path = resolve_model_path(spec.path) if rank else path
+    tokenizer = load_tokenizer(path)
+    problems = {name: load_benchmark(name, data_dir, s.limit) for name in benchmarks}
+    backend = (VLLMBackend(path, tokenizer, s.seed) if s.backend == "vllm"
+               else HFBackend(path, ds_config, tokenizer))
+    all_records: list[dict] = []
+    try:
+        batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark
+        for name in benchmarks:
+            items = problems[name]
+            for b, start in enumerate(range(0, len(items), s.batch_size)):
+                batches.append((name, b, items[start:start + s.batch_size]))
+        mine = [batch for i, batch in enumerate(batches) if i % world == rank]
+        total = sum(len(p) for _, _, p in mine)
+        bar = tqdm(total=total, desc=f"aapo eval [{spec.label}]", unit="problem", disable=rank != 0,
+                   file=sys.stderr, dynamic_ncols=True)
+        records = []
+        capped = False
+        with backend.session() as gen:
+            for name, b, items in mine:
+                rendered = [render_eval_prompt(tokenizer, p.problem, s) for p in items]
+                prompts, add_special = [r[0] for r in rendered], rendered[0][1]
+                max_new = s.max_new_tokens
+                if backend.max_positions:
+                    room = backend.max_positions - max(backend.prompt_tokens(p, add_special) for p in prompts)
+                    if room < max_new:
+                        max_new, capped = max(1, room), True
+                outs = backend.generate(gen, prompts, add_special, s, stream_seed(s.seed, name, b), max_new)
+                for i, p in enumerate(items):
+                    for j in range(s.n_samples):
+                        o = outs[i * s.n_samples + j]
+                        records.append({"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j,
+                                        "batch": b, "prompt": prompts[i], "completion": o["completion"],
+                                        "tokens": o["tokens"], "truncated": o["truncated"], "gold": p.gold,
+                                        "max_new_tokens": max_new})
+                bar.update(len(items))
+        bar.close()
+        if capped and rank == 0:
+            log(f"note: max new tokens capped to the model's context ({backend.max_positions} positions)")
+        _grade(records, s)
+        gathered = _gather_records(records, rank, world)
+        if rank == 0:
+            order = {name: i for i, name in enumerate(benchmarks)}
+            index = {(name, p.id): i for name in benchmarks for i, p in enumerate(problems[name])}
+            gathered.sort(key=lambda r: (order[r["benchmark"]], index[(r["benchmark"], r["problem_id"])], r["sample"]))
+            all_records = gathered
+    finally:
+        backend.close()
+    return all_records
+
+
+def summarize(records: list[dict], benchmarks: list[str], ks: tuple[int, ...]) -> dict:
+    """Per-benchmark scores and their average (unweighted mean over benchmarks, as in the paper)."""
+    out = {}
+    for name in benchmarks:
+        rows = [r for r in records if r["benchmark"] == name]
+        out[name] = benchmark_scores(rows, ks)
+    out["average"] = {f"pass@{k}": sum(out[n][f"pass@{k}"] for n in benchmarks) / len(benchmarks) for k in ks}
+    return out
+
+
+def markdown_table(results: dict[str, dict], benchmarks: list[str], ks: tuple[int, ...]) -> str:
+    """Rows = models, columns = benchmarks + Avg. (the paper's table), one table per k."""
+    names = {"aime24": "AIME24", "math500": "MATH-500", "amc23": "AMC23", "minerva": "Minerva",
+             "olympiadbench": "OlympiadBench"}
+    parts = []
+    for k in ks:
+        header = "| Model | " + " | ".join(names[b] for b in benchmarks) + " | Avg. |"
+        rule = "|---|" + "---:|" * (len(benchmarks) + 1)
+        rows = [f"pass@{k} (%)", "", header, rule]
+        for label, scores in results.items():
+            cells = [f"{scores[b][f'pass@{k}']:.1f}" for b in benchmarks]
+            rows.append(f"| {label} | " + " | ".join(cells) + f" | {scores['average'][f'pass@{k}']:.1f} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def default_output_dir(specs: list[ModelSpec]) -> Path:
+    if len(specs) == 1 and specs[0].source.get("run"):
+        return Path(specs[0].source["run"]) / "eval"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("eval_results") / f"eval-{stamp}"
+
+
+def write_results(out_dir: Path, specs: list[ModelSpec], benchmarks: list[str], s: EvalSettings,
+                  data_dir: str | None, results: dict, records: list[dict], seconds: float) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = asdict(s)
+    settings["k"] = list(s.k)
+    payload = {
+        "settings": settings,
+        "benchmarks": benchmarks,
+        "data": {b: (str(Path(data_dir) / BENCHMARKS[b].local_name) if data_dir else BENCHMARKS[b].hub_id)
+                 for b in benchmarks},
+        "models": [{"label": m.label, "path": m.path, **m.source} for m in specs],
+        "results": results,
+        "seconds": seconds,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "samples": out_dir / "samples.jsonl"}
+    paths["json"].write_text(json.dumps(payload, indent=2))
+    temp = "greedy" if s.temperature is None else f"T={s.temperature}, top-p={s.top_p}"
+    paths["markdown"].write_text(
+        f"# aapo eval ({s.protocol} protocol, {temp}, {s.n_samples} sample(s) per problem, "
+        f"max {s.max_new_tokens} new tokens{', first ' + str(s.limit) + ' problems' if s.limit else ''})\n\n"
+        + markdown_table(results, benchmarks, s.k))
+    with open(paths["samples"], "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return paths
