@@ -125,10 +125,12 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
 @click.option("--output-dir", default=None, help="Where results go (default eval_results/eval-<UTC time>, "
                                                  "or <run>/eval/eval-<UTC time> with --run).")
 @click.option("--verify-timeout", type=float, default=None, help="Seconds allowed to grade one answer (default 10).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted evaluation in --output-dir: batches it "
+                                             "already sampled are read back, not sampled again.")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
 def eval_command(models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
                  max_new_tokens, system_prompt, prompt_template, no_chat_template, n_samples, k_text, limit,
-                 batch_size, seed, backend, ds_config, output_dir, verify_timeout, local_rank):
+                 batch_size, seed, backend, ds_config, output_dir, verify_timeout, resume, local_rank):
     """Evaluate models on the paper's math benchmarks: pass@1 / pass@k, a markdown table, results.json
     and every sample in samples.jsonl. Run under the deepspeed launcher to shard problems over ranks."""
     try:
@@ -136,12 +138,14 @@ def eval_command(models, run_dir, step, benchmarks, data_dir, protocol, temperat
             temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, max_new_tokens=max_new_tokens,
             system_prompt=system_prompt, prompt_template=prompt_template, n_samples=n_samples, limit=limit,
             batch_size=batch_size, seed=seed, backend=backend, verify_timeout_s=verify_timeout,
-            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir)
+            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir, resume)
     except AapoError as exc:
         _fail(str(exc))
 
 
-def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, k_text, ds_config, output_dir):
+def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, k_text, ds_config, output_dir,
+              resume=False):
+    import shutil
     import time
     from datetime import datetime, timezone
     from pathlib import Path
@@ -185,6 +189,11 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
 
     if output_dir is not None and (Path(output_dir) / "results.json").exists():
         raise AapoError(f"--output-dir: '{output_dir}' already holds results; choose a new directory")
+    if resume and (output_dir is None or not (Path(output_dir) / "partial").is_dir()):
+        raise AapoError("--resume: give the --output-dir of an interrupted evaluation (it holds a partial/ folder)")
+    if not resume and output_dir is not None and (Path(output_dir) / "partial").is_dir():
+        raise AapoError(f"--output-dir: '{output_dir}' holds an interrupted evaluation; add --resume to continue "
+                        f"it or choose a new directory")
 
     rank, world = init_distributed()
     ds = fill_inference_ds_config(ds, world)
@@ -207,13 +216,14 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
     results, records = {}, []
     for spec in specs:
         rows = E.evaluate_model(spec, names, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
-                                log=lambda m: click.echo(m, err=True))
+                                log=lambda m: click.echo(m, err=True), journal_dir=out / "partial", resume=resume)
         if rank == 0:
             results[spec.label] = E.summarize(rows, names, settings.k)
             records += rows
     if rank != 0:
         return
     paths = E.write_results(out, specs, names, settings, data_dir, results, records, time.perf_counter() - start)
+    shutil.rmtree(out / "partial", ignore_errors=True)  # the journal's work is in samples.jsonl now
     click.echo(paths["markdown"].read_text())
     click.echo(f"results: {paths['json']}\ntable: {paths['markdown']}\nsamples: {paths['samples']}")
 

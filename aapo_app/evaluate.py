@@ -320,9 +320,52 @@ def _gather_records(records: list[dict], rank: int, world: int) -> list[dict]:
     return [r for part in box for r in part] if rank == 0 else []
 
 
+class BatchJournal:
+    """Finished generation batches of one model, appended to ``<dir>/<model>-<hash>/rank<r>.jsonl`` as
+    they finish, so that an interrupted evaluation resumes (``--resume``) without sampling them again.
+
+    The hash covers everything that decides the samples (model, data, generation settings), so a
+    journal is only reused for the same evaluation. Batches are global (see the module docstring),
+    so a resumed run may use a different number of ranks: each rank reads every file and takes the
+    batches it owns."""
+
+    def __init__(self, directory: Path, spec: ModelSpec, s: EvalSettings, data_dir: str | None, rank: int):
+        import hashlib
+
+        decides = {k: v for k, v in asdict(s).items() if k not in ("k", "verify_timeout_s", "grader_workers")}
+        blob = json.dumps({"model": spec.path, "data": data_dir, "settings": decides}, sort_keys=True, default=str)
+        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in spec.label)[:80]
+        self.dir = Path(directory) / f"{safe}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+        self.path = self.dir / f"rank{rank}.jsonl"
+
+    def load(self) -> dict[tuple[str, int], list[dict]]:
+        done = {}
+        for f in sorted(self.dir.glob("rank*.jsonl")):
+            for line in f.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                    continue
+                done[(entry["benchmark"], entry["batch"])] = entry["records"]
+        return done
+
+    def append(self, benchmark: str, batch: int, records: list[dict]) -> None:
+        import os
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"benchmark": benchmark, "batch": batch, "records": records}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, data_dir: str | None,
-                   ds_config: dict, rank: int, world: int, log=print) -> list[dict]:
-    """All benchmarks for one model; returns the per-sample records (complete on rank 0 only)."""
+                   ds_config: dict, rank: int, world: int, log=print, journal_dir: Path | None = None,
+                   resume: bool = False) -> list[dict]:
+    """All benchmarks for one model; returns the per-sample records (complete on rank 0 only).
+
+    With ``journal_dir`` every finished batch is journaled there; with ``resume`` batches already in
+    the journal are taken from it instead of being sampled again."""
     from tqdm import tqdm
 
     from aapo_app.engine import barrier
@@ -335,23 +378,27 @@ def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, d
     path = resolve_model_path(spec.path) if rank else path
     tokenizer = load_tokenizer(path)
     problems = {name: load_benchmark(name, data_dir, s.limit) for name in benchmarks}
+    batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark
+    for name in benchmarks:
+        items = problems[name]
+        for b, start in enumerate(range(0, len(items), s.batch_size)):
+            batches.append((name, b, items[start:start + s.batch_size]))
+    mine = [batch for i, batch in enumerate(batches) if i % world == rank]
+    journal = BatchJournal(journal_dir, spec, s, data_dir, rank) if journal_dir is not None else None
+    done = journal.load() if journal is not None and resume else {}
+    records = [r for name, b, _ in mine for r in done.get((name, b), [])]
+    todo = [batch for batch in mine if (batch[0], batch[1]) not in done]
+    if rank == 0 and done:
+        log(f"resuming: {len(done)} of {len(batches)} batches already sampled for {spec.label}")
     backend = (VLLMBackend(path, tokenizer, s.seed) if s.backend == "vllm"
                else HFBackend(path, ds_config, tokenizer))
     all_records: list[dict] = []
     try:
-        batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark
-        for name in benchmarks:
-            items = problems[name]
-            for b, start in enumerate(range(0, len(items), s.batch_size)):
-                batches.append((name, b, items[start:start + s.batch_size]))
-        mine = [batch for i, batch in enumerate(batches) if i % world == rank]
-        total = sum(len(p) for _, _, p in mine)
-        bar = tqdm(total=total, desc=f"aapo eval [{spec.label}]", unit="problem", disable=rank != 0,
-                   file=sys.stderr, dynamic_ncols=True)
-        records = []
+        bar = tqdm(total=sum(len(p) for _, _, p in todo), desc=f"aapo eval [{spec.label}]", unit="problem",
+                   disable=rank != 0, file=sys.stderr, dynamic_ncols=True)
         capped = False
         with backend.session() as gen:
-            for name, b, items in mine:
+            for name, b, items in todo:
                 rendered = [render_eval_prompt(tokenizer, p.problem, s) for p in items]
                 prompts, add_special = [r[0] for r in rendered], rendered[0][1]
                 max_new = s.max_new_tokens
@@ -360,13 +407,15 @@ def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, d
                     if room < max_new:
                         max_new, capped = max(1, room), True
                 outs = backend.generate(gen, prompts, add_special, s, stream_seed(s.seed, name, b), max_new)
-                for i, p in enumerate(items):
-                    for j in range(s.n_samples):
-                        o = outs[i * s.n_samples + j]
-                        records.append({"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j,
-                                        "batch": b, "prompt": prompts[i], "completion": o["completion"],
-                                        "tokens": o["tokens"], "truncated": o["truncated"], "gold": p.gold,
-                                        "max_new_tokens": max_new})
+                batch_records = [
+                    {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
+                     "prompt": prompts[i], "completion": outs[i * s.n_samples + j]["completion"],
+                     "tokens": outs[i * s.n_samples + j]["tokens"],
+                     "truncated": outs[i * s.n_samples + j]["truncated"], "gold": p.gold, "max_new_tokens": max_new}
+                    for i, p in enumerate(items) for j in range(s.n_samples)]
+                if journal is not None:
+                    journal.append(name, b, batch_records)
+                records += batch_records
                 bar.update(len(items))
         bar.close()
         if capped and rank == 0:

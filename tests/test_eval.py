@@ -141,6 +141,7 @@ def bad_eval_inputs(tmp_path, shared_dir):
         (["--prompt-template", "no placeholder"], ["--prompt-template", "{problem}"]),
         (["--backend", "vllm"], ["--backend vllm"]),
         (["--ds-config", str(tmp_path / "missing.json")], ["--ds-config"]),
+        (["--resume"], ["--resume", "partial/"]),
         (["--output-dir", str(done), "--data-dir", bench, "--limit", "1", "--benchmarks", "aime24"],
          ["--output-dir", "already holds results"]),
     ]
@@ -276,3 +277,44 @@ def test_eval_of_a_training_runs_checkpoints(tiny_model_dir, tmp_path, shared_di
     payload, _ = check_results(out, ["amc23"], (1,), 1, 2)
     assert list(payload["results"]) == ["run@step-1", "run@step-2"]
     assert [m["step"] for m in payload["models"]] == [1, 2]
+
+
+def test_interrupted_eval_resumes_without_resampling(tiny_model_dir, tmp_path, shared_dir, monkeypatch):
+    """A run killed after its first batch resumes with --resume: the journaled batch is read back
+    (not sampled again), and the result equals an uninterrupted run's, sample for sample."""
+    from aapo_app.evaluate import HFBackend
+
+    args = ["eval", "--model", str(tiny_model_dir), "--benchmarks", "aime24,amc23", "--data-dir",
+            str(shared_dir / "benchmarks"), "--limit", "2", "--batch-size", "1", "--max-new-tokens", "5"]
+    real_generate, calls = HFBackend.generate, []
+
+    def failing_generate(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_generate(self, *a, **kw)
+
+    monkeypatch.setattr(HFBackend, "generate", failing_generate)
+    out = tmp_path / "interrupted"
+    result = CliRunner().invoke(main, [*args, "--output-dir", str(out)])
+    assert isinstance(result.exception, RuntimeError) and not (out / "results.json").exists()
+    assert len(list((out / "partial").rglob("rank0.jsonl"))) == 1  # batch 1 of 4 was journaled
+
+    code, output = run_cli([*args, "--output-dir", str(out)])  # without --resume: refused, journal kept
+    assert code == 2 and "--resume" in output and (out / "partial").is_dir()
+
+    def counting_generate(self, *a, **kw):
+        calls.append(1)
+        return real_generate(self, *a, **kw)
+
+    monkeypatch.setattr(HFBackend, "generate", counting_generate)
+    calls.clear()
+    code, output = run_cli([*args, "--output-dir", str(out), "--resume"])
+    assert code == 0, output
+    assert len(calls) == 3  # 4 batches (2 benchmarks x 2 problems, 1 per batch) minus the journaled one
+    assert not (out / "partial").exists()
+    code, output = run_cli([*args, "--output-dir", str(tmp_path / "straight")])
+    assert code == 0, output
+    resumed = (out / "samples.jsonl").read_text().splitlines()
+    straight = (tmp_path / "straight" / "samples.jsonl").read_text().splitlines()
+    assert len(resumed) == 4 and resumed == straight
