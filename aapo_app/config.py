@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from aapo_app.algorithms import algorithm_params_class
-from aapo_app.data import DataConfig
+from aapo_app.data import DataConfig, apply_data_preset
 from aapo_app.errors import AapoError
 from aapo_app.models import EMBEDDED_DEFAULT
 
@@ -87,8 +87,20 @@ class RewardsConfig:
     params: dict = _f({}, "reward name -> its settings, e.g. {cosine: {max_len: 1000}} (see --help-config)")
     verify_timeout_s: float = _f(5.0, "wall-clock bound per answer verification; an overrun scores 0 and is counted")
     num_workers: int = _f(2, "grader worker processes per rank")
+    plugins: list = _f([], "Python modules imported first; each registers its own rewards with "
+                           "@aapo_app.rewards.register_reward (must be importable on every rank)")
 
     def validate(self) -> None:
+        import importlib
+
+        if not isinstance(self.plugins, list) or not all(isinstance(m, str) and m for m in self.plugins):
+            raise AapoError("rewards.plugins must be a list of Python module names, e.g. [my_rewards]")
+        for module in self.plugins:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                raise AapoError(f"rewards.plugins: cannot import '{module}' ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); check PYTHONPATH on every rank") from exc
         if not isinstance(self.weights, dict) or not self.weights:
             raise AapoError("rewards.weights must be a non-empty mapping of reward name -> weight")
         from aapo_app.rewards import REWARDS
@@ -125,6 +137,8 @@ class TrainConfig:
     learning_rate: float = _f(5e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")
+    min_lr_ratio: float = _f(0.0, "cosine schedule: final learning rate as a fraction of train.learning_rate (the 1.5B recipe: 0.1)")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
     micro_batch_size: int = _f(8, "sequences per forward/backward; accumulation = prompts_per_rank*G/micro_batch_size")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
@@ -144,6 +158,12 @@ class TrainConfig:
             raise AapoError(f"train.learning_rate must be > 0 (got {self.learning_rate})")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise AapoError("train.warmup_steps, eval_every, max_grad_norm and weight_decay must be >= 0")
+        if self.lr_scheduler not in ("constant", "cosine"):
+            raise AapoError(f"train.lr_scheduler must be constant or cosine (got {self.lr_scheduler!r})")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise AapoError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.warmup_steps > self.max_steps:
+            raise AapoError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}; lower it")
         if self.save_every < 0:
             raise AapoError(f"train.save_every must be >= 0 (got {self.save_every}); 0 turns periodic saving off")
 
@@ -297,6 +317,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     unknown = sorted(set(data) - top)
     if unknown:
         raise AapoError(f"'{unknown[0]}' is not a config section; valid: {', '.join(sorted(top))}")
+    if isinstance(data.get("data"), dict):
+        data["data"] = apply_data_preset(data["data"])
     sections = {}
     for f in dataclasses.fields(RunConfig):
         if f.name == "algorithm" or f.name not in data:

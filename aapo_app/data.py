@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -49,6 +50,30 @@ class PromptExample:
     id: str
     problem: str
     answer: str
+
+
+# Dataset adapters for the paper's training sets (data.preset). Keys set explicitly in the run config
+# win. Column names: knoveleng/open-rs has problem / solution / answer / level; the SimpleRL-Zoo-Data
+# level 3-5 sets are read through their question / gt_answer columns (as the AAPO authors' loader
+# does). math_train_level3to5 is the offline stand-in: MATH train from ../shared, difficulty >= 3.
+DATA_PRESETS: dict[str, dict[str, Any]] = {
+    "open-rs": {"source": "knoveleng/open-rs", "split": "train", "problem_column": "problem",
+                "answer_column": "answer"},
+    "simplelr_qwen_level3to5": {"source": "hkust-nlp/SimpleRL-Zoo-Data", "data_dir": "simplelr_qwen_level3to5",
+                                "split": "train", "problem_column": "question", "answer_column": "gt_answer"},
+    "simplelr_abel_level3to5": {"source": "hkust-nlp/SimpleRL-Zoo-Data", "data_dir": "simplelr_abel_level3to5",
+                                "split": "train", "problem_column": "question", "answer_column": "gt_answer"},
+    "math_train_level3to5": {"source": "../shared/datasets/math_train/math_train.json", "problem_column": "problem",
+                             "answer_column": "answer", "min_difficulty": 3, "difficulty_column": "difficulty"},
+}
+
+
+def apply_data_preset(data: dict) -> dict:
+    """Fill a raw ``data:`` mapping from its ``preset`` for every key it does not set itself."""
+    name = data.get("preset")
+    if name is None or name not in DATA_PRESETS:
+        return data  # an unknown name is reported by DataConfig.validate
+    return {**DATA_PRESETS[name], **data}
 
 
 @dataclass
@@ -92,6 +117,32 @@ class DataConfig:
         metadata={"help": "user message; '{problem}' is replaced by the problem text, other braces are kept"},
     )
     """User message template. Only ``{problem}`` is substituted (literally, not with str.format)."""
+
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "hub datasets: the folder inside the dataset repo to load (data_dir of datasets.load_dataset), "
+                          "e.g. simplelr_qwen_level3to5 of hkust-nlp/SimpleRL-Zoo-Data"},
+    )
+    """Sub-folder of a hub dataset repository."""
+
+    min_difficulty: Optional[float] = field(
+        default=None,
+        metadata={"help": "keep only rows whose data.difficulty_column is >= this (e.g. 3 for MATH levels 3-5); all when null"},
+    )
+    """Difficulty filter, applied before the eval prompts are held out."""
+
+    difficulty_column: str = field(
+        default="difficulty", metadata={"help": "column read by data.min_difficulty ('Level 4' counts as 4)"}
+    )
+    """Column with a number, or text ending in a number (MATH's "Level 4")."""
+
+    preset: Optional[str] = field(
+        default=None,
+        metadata={"help": "a named dataset adapter that fills source, data_dir, columns and filters not set "
+                          "explicitly: " + ", ".join(["open-rs", "simplelr_qwen_level3to5", "simplelr_abel_level3to5",
+                                                      "math_train_level3to5"])},
+    )
+    """Named adapter (:data:`DATA_PRESETS`); keys given explicitly win over the preset's."""
 
     use_chat_template: bool = field(
         default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"}
@@ -137,7 +188,9 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise AapoError(f"data.{name}: must be a non-empty string (got {value!r})")
-        for name in ("eval_source", "eval_split"):
+        if self.preset is not None and self.preset not in DATA_PRESETS:
+            raise AapoError(f"data.preset: unknown preset {self.preset!r}; choose from {', '.join(DATA_PRESETS)}")
+        for name in ("eval_source", "eval_split", "data_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise AapoError(f"data.{name}: must be a non-empty string or null (got {value!r})")
@@ -255,7 +308,7 @@ def _load_source(cfg: DataConfig, source: str, split: str, field_name: str) -> l
     elif _looks_local(source):
         raise AapoError(f"data.{field_name}: no file or directory {source!r}; {_SOURCE_HINT}")
     else:
-        rows, columns = _load_hub(source, split, field_name)
+        rows, columns = _load_hub(source, split, field_name, cfg.data_dir)
         return _rows_to_examples(rows, columns, cfg, source, field_name)
     rows: list[dict] = []
     for file in files:
@@ -394,12 +447,12 @@ def _records_of(data: Any) -> Optional[list[dict]]:
     return None
 
 
-def _load_hub(source: str, split: str, field_name: str) -> tuple[list[dict], list[str]]:
+def _load_hub(source: str, split: str, field_name: str, data_dir: str | None = None) -> tuple[list[dict], list[str]]:
     """Rows and column names of ``split`` of the hub dataset ``source`` via ``datasets.load_dataset``."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, data_dir=data_dir)
         return ds.to_list(), list(ds.column_names)
     except Exception as exc:  # network, missing dataset or split, bad schema: all user-fixable
         raise AapoError(
@@ -422,11 +475,35 @@ def _columns(rows: Iterable[dict]) -> list[str]:
     return list(seen)
 
 
+def _difficulty(value: Any) -> float | None:
+    """A difficulty cell as a number: 3, 3.0, "3", "Level 3" -> 3.0; None when unreadable."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.search(r"(-?\d+(?:\.\d+)?)\s*$", str(value))
+    return float(match.group(1)) if match else None
+
+
+def _filter_difficulty(rows: list[dict], columns: list[str], cfg: DataConfig, where: str) -> list[dict]:
+    if cfg.min_difficulty is None:
+        return rows
+    if cfg.difficulty_column not in columns:
+        raise AapoError(f"data.difficulty_column: column {cfg.difficulty_column!r} not found in {where} "
+                        f"(needed by data.min_difficulty); available: {', '.join(map(str, columns))}")
+    kept = [r for r in rows if (_difficulty(r.get(cfg.difficulty_column)) or float("-inf")) >= cfg.min_difficulty]
+    if not kept:
+        raise AapoError(f"data.min_difficulty: no row of {where} has {cfg.difficulty_column} >= {cfg.min_difficulty}; "
+                        f"lower it or set it to null")
+    return kept
+
+
 def _rows_to_examples(
     rows: list[dict], columns: list[str], cfg: DataConfig, where: str, field_name: str
 ) -> list[PromptExample]:
     if not rows:
         raise AapoError(f"data.{field_name}: {where!r} has no examples; point data.{field_name} at a non-empty dataset")
+    rows = _filter_difficulty(rows, columns, cfg, where)
     for name in ("problem_column", "answer_column"):
         column = getattr(cfg, name)
         if column not in columns:

@@ -44,6 +44,22 @@ def _fill(node: dict, key: str, value, source: str, where: str) -> None:
     )
 
 
+def lr_scheduler_section(train) -> dict | None:
+    """The DeepSpeed ``scheduler`` section for the run's schedule (None: constant lr, no warm-up).
+
+    constant: ``WarmupLR`` (linear warm-up from 0 to lr, then flat). cosine: ``WarmupCosineLR``
+    (linear warm-up from 0, then cosine decay to ``min_lr_ratio`` x lr at ``max_steps``); both take
+    their peak from the optimizer's lr."""
+    if train.lr_scheduler == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": train.max_steps, "warmup_num_steps": train.warmup_steps, "warmup_min_ratio": 0.0,
+            "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}}
+    if train.warmup_steps == 0:
+        return None
+    return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.learning_rate,
+                                           "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"}}
+
+
 def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dict:
     """Return a copy of ``ds`` with every ``"auto"`` field resolved from the ``RunConfig``."""
     ds = copy.deepcopy(ds)
@@ -66,6 +82,14 @@ def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dic
     if opt is not None:
         _fill(opt, "lr", run.train.learning_rate, "train.learning_rate", "optimizer.params.")
         _fill(opt, "weight_decay", run.train.weight_decay, "train.weight_decay", "optimizer.params.")
+    if "scheduler" not in ds:
+        scheduler = lr_scheduler_section(run.train)
+        if scheduler is not None:
+            ds["scheduler"] = scheduler
+        return ds
+    if run.train.lr_scheduler != "constant":
+        raise AapoError(f"ds_config has its own 'scheduler' section and train.lr_scheduler={run.train.lr_scheduler}; "
+                        f"remove the section (the run config then builds the schedule) or set train.lr_scheduler=constant")
     sched = ds.get("scheduler", {}).get("params")
     if sched is not None and sched.get("warmup_num_steps") == "auto" and run.train.warmup_steps == 0:
         # DeepSpeed's warm-up schedulers reject 0 steps; no warm-up with a constant lr is no scheduler

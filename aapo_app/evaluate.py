@@ -165,12 +165,8 @@ class HFBackend:
         from aapo_app.models import load_causal_lm
         from aapo_app.rollout import eos_token_ids
 
-        import torch
-
-        bf16 = ds_config.get("bf16", {}).get("enabled", False)
-        fp16 = ds_config.get("fp16", {}).get("enabled", False)
-        dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-        self.model = ZeroModel(load_causal_lm(model_path, dtype=dtype), ds_config, trainable=False, gather="full")
+        self.model = ZeroModel(load_causal_lm(model_path, ds_config=ds_config), ds_config, trainable=False,
+                               gather="full")
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, self.model.module)
         self.max_positions = getattr(self.model.module.config, "max_position_embeddings", None)

@@ -127,13 +127,41 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+def ds_dtype(ds_config: dict | None) -> torch.dtype:
+    """The parameter dtype a DeepSpeed config trains in (bf16, fp16 or fp32)."""
+    ds_config = ds_config or {}
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def load_causal_lm(path: str, dtype: torch.dtype | None = None, ds_config: dict | None = None):
+    """Load a causal LM in ``dtype`` (default: the DeepSpeed config's).
+
+    Under a ZeRO-3 ``ds_config`` the weights are partitioned as they load (transformers'
+    ``HfDeepSpeedConfig`` puts ``from_pretrained`` under ``deepspeed.zero.Init``): no rank ever holds
+    a full copy, which is what lets a 7B model start on 8 GPUs. Needs the process group up."""
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or ds_dtype(ds_config)
+    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+    alive = []  # while transformers' HfDeepSpeedConfig lives, from_pretrained runs under zero.Init
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        alive.append(HfDeepSpeedConfig(ds_config))
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise AapoError(f"model.path: cannot load a causal LM from '{path}' ({_first_line(exc)})") from exc
+    finally:
+        if zero3:  # later plain constructions (e.g. the generation view on the meta device) stay plain
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            alive.clear()
 
 
 def _first_line(exc: BaseException) -> str:

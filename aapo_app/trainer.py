@@ -91,14 +91,14 @@ class Trainer:
         self.format_key = _format_key(weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
-        self.policy = ZeroModel(load_causal_lm(model_path), self.ds_policy, trainable=True,
+        self.policy = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_policy), self.ds_policy, trainable=True,
                                 gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
                                 learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                                 hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
                                 max_out_tokens=cfg.rollout.max_new_tokens + 1024)
         self.reference = None
         if self.algorithm.uses_reference_samples or self.algorithm.uses_reference_logprobs:
-            self.reference = ZeroModel(load_causal_lm(model_path), self.ds_ref, trainable=False,
+            self.reference = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_ref), self.ds_ref, trainable=False,
                                        gather=cfg.rollout.gather)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
         self.history: list[dict] = []

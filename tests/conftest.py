@@ -1,6 +1,7 @@
 """Shared fixtures: the ../shared data directory and the embedded SmolLM2 model/tokenizer."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,17 +61,11 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 def _register_test_reward():
-    """A reward that varies on a random model's gibberish (the real ones are all 0 there), so that
-    integration tests see non-zero advantages: length of the decoded completion in characters / 100."""
-    from aapo_app.rewards import REWARDS, Reward, register_reward
+    """The test reward `test_char_length` (tests/plugin_rewards.py), registered in this process."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import importlib
 
-    if "test_char_length" in REWARDS:
-        return
-
-    @register_reward("test_char_length")
-    class CharLengthReward(Reward):
-        def __call__(self, completions, answers, lengths):
-            return [len(c) / 100.0 for c in completions]
+    importlib.import_module("plugin_rewards")
 
 
 _register_test_reward()

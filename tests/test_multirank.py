@@ -103,3 +103,40 @@ def test_two_ranks_give_the_one_rank_gradient_for_every_algorithm(tiny_model_dir
         assert moved > 1e-4, f"{name}: the step did not move the parameters"
         for key in one[name]:
             torch.testing.assert_close(two[name][key], one[name][key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_two_nodes_on_localhost_match_one_node(tiny_model_dir, tmp_path):
+    """Two "nodes" started separately through launch/node_rank.sh (the deepspeed launcher with
+    --hostfile, --no_ssh, --node_rank 0/1, one rank each) train 2 steps and end with exactly the
+    parameters of 2 ranks on one node (launch/single_node.sh) with the same seed."""
+    import torch
+    from safetensors.torch import load_file
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    # a reward that varies on the random model (tests/plugin_rewards.py), so the parameters move
+    extra = ["rewards.plugins=[plugin_rewards]", "rewards.weights={test_char_length: 1.0}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+               PYTHONPATH=os.pathsep.join([os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]))
+    nodes = [subprocess.Popen(["bash", os.path.join(repo, "launch", "node_rank.sh"), str(hostfile), str(rank),
+                               "127.0.0.1", *train_args(tiny_model_dir, tmp_path / "nodes"), *extra],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, (out[-2000:], err[-3000:])
+    assert "--no_ssh --node_rank 0" in outputs[0][0] and "--no_ssh --node_rank 1" in outputs[1][0]  # printed
+    env["MASTER_PORT"] = str(free_port())
+    single = subprocess.run(["bash", os.path.join(repo, "launch", "single_node.sh"), "2",
+                             *train_args(tiny_model_dir, tmp_path / "single"), *extra],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    check_data_parallel_run(tmp_path / "nodes")
+    a = load_file(tmp_path / "nodes" / "checkpoints" / "step-2" / "model.safetensors")
+    b = load_file(tmp_path / "single" / "checkpoints" / "step-2" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # training moved them

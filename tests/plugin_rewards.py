@@ -1,0 +1,13 @@
+"""A reward plugin for tests (loaded with rewards.plugins=[plugin_rewards] and PYTHONPATH=tests, or
+imported by conftest): a reward that varies on a random model's gibberish, where the real ones are
+all 0, so that training tests see non-zero advantages. It is the length of the decoded completion
+in characters / 100."""
+
+from aapo_app.rewards import REWARDS, Reward, register_reward
+
+if "test_char_length" not in REWARDS:
+
+    @register_reward("test_char_length")
+    class CharLengthReward(Reward):
+        def __call__(self, completions, answers, lengths):
+            return [len(c) / 100.0 for c in completions]
