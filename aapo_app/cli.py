@@ -46,10 +46,14 @@ def main() -> None:
 @click.option("--max-steps", type=int, default=None, help="Shorthand for train.max_steps=N.")
 @click.option("--seed", type=int, default=None, help="Shorthand for train.seed=S.")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and meaning, and exit.")
+@click.option("--resume", default=None, metavar="latest|DIR",
+              help="Continue a run from a checkpoint: latest (the newest in --output-dir), a run directory, or "
+                   "one of its checkpoints/step-N. The run's config is reused; only train.max_steps may change.")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True,
               help="Set by the deepspeed launcher; the rank is read from the environment.")
 @click.argument("overrides", nargs=-1)
-def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, help_config, local_rank, overrides):
+def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, help_config, resume, local_rank,
+          overrides):
     """Train with AAPO (or a baseline) on a DeepSpeed engine.
 
     OVERRIDES are KEY=VALUE pairs on top of the config file, e.g. algorithm.name=grpo
@@ -70,16 +74,29 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
         extra.append(f"output_dir={output_dir}")
     trainer = None
     try:
-        cfg = load_run_config(config_path, extra)
+        resume_from = None
+        if resume is not None:
+            cfg, resume_from = _resume_config(resume, output_dir, config_path, extra)
+        else:
+            cfg = load_run_config(config_path, extra)
         from aapo_app.trainer import Trainer
 
-        trainer = Trainer(cfg, ds_config=ds_config, ref_ds_config=ref_ds_config)
+        trainer = Trainer(cfg, ds_config=ds_config, ref_ds_config=ref_ds_config, resume_from=resume_from)
+        _install_stop_handlers(trainer)
         summary = trainer.train()
     except AapoError as exc:
         _fail(str(exc))
     finally:
         if trainer is not None:
             trainer.close()
+    if summary["stopped_early"]:
+        import signal as _signal
+
+        if trainer.rank == 0:
+            name = _signal.Signals(trainer.stop_signal).name if trainer.stop_signal else "a signal"
+            click.echo(f"stopped by {name} after step {summary['steps']}; checkpoint: {summary['checkpoint']}")
+            click.echo(f"resume with: aapo train --resume latest --output-dir {summary['output_dir']}")
+        sys.exit(128 + (trainer.stop_signal or 15))
     if trainer.rank == 0:
         click.echo(
             f"held-out accuracy: {100 * summary['eval_before']:.1f}% before -> "
@@ -89,6 +106,64 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
         click.echo(f"run directory: {summary['output_dir']}")
         if summary["checkpoint"]:
             click.echo(f"checkpoint: {summary['checkpoint']} (evaluate it with: aapo eval --run {summary['output_dir']})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("weights", "params"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resume_config(resume, output_dir, config_path, extra):
+    """The run's own config (its config.yaml) with this command's overrides, which may only change
+    train.max_steps; and the checkpoint directory to resume from."""
+    from pathlib import Path
+
+    from aapo_app.checkpoint import find_resume_checkpoint, read_state
+    from aapo_app.config import load_run_config
+
+    step_dir = find_resume_checkpoint(resume, output_dir)
+    run_dir = step_dir.parent.parent
+    if output_dir is not None and Path(output_dir).resolve() != run_dir.resolve():
+        raise AapoError(f"--output-dir '{output_dir}' is not the run being resumed ('{run_dir}'); drop it or make them match")
+    saved = read_state(step_dir)
+    base = config_path or str(run_dir / "config.yaml")
+    cfg = load_run_config(base, [e for e in extra if not e.startswith("output_dir=")] + [f"output_dir={run_dir}"])
+    old, new = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key in ("train.max_steps", "output_dir") or old.get(key) == new.get(key):
+            continue
+        raise AapoError(f"--resume: the run was trained with {key}={old.get(key)!r} but this command gives "
+                        f"{new.get(key)!r}; resume with the run's own config (only train.max_steps may change) "
+                        f"or start a new run")
+    if cfg.train.max_steps <= saved["step"]:
+        raise AapoError(f"train.max_steps={cfg.train.max_steps} but the checkpoint is already at step {saved['step']}; "
+                        f"raise train.max_steps to continue")
+    return cfg, step_dir
+
+
+def _install_stop_handlers(trainer) -> None:
+    """First SIGTERM/SIGINT: finish the current step, save a checkpoint, exit (128 + signal).
+    A second one: exit at once."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        if trainer.stop_signal is None:
+            trainer.request_stop(signum)
+            if trainer.rank == 0:
+                click.echo(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                           f"(send it again to exit at once)", err=True)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 @main.command("eval", context_settings={"show_default": True})

@@ -25,6 +25,7 @@ METRICS: dict[str, str] = {
     "loss": "mean of the micro-batch losses of the step",
     "grad_norm": "global gradient norm before clipping, as reported by DeepSpeed",
     "lr": "learning rate used by the step",
+    "skipped_nonfinite": "optimizer steps skipped this step because the loss or gradient was inf/NaN (weights untouched)",
     "completion_len/mean": "mean policy completion length in tokens (EOS included)",
     "truncated_frac": "fraction of policy completions that hit max_new_tokens without EOS",
     "verify_timeouts": "answer verifications that exceeded rewards.verify_timeout_s this step (scored 0)",

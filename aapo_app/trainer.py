@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from aapo_app import checkpoint as CK
 from aapo_app import metrics as M
 from aapo_app.algorithms import build_algorithm, zero_std_groups
 from aapo_app.batches import select_groups
@@ -53,8 +55,10 @@ def reduce_metrics(local: dict[str, float]) -> dict[str, float]:
 class Trainer:
     """Builds the engines, data, rewards and algorithm of a run and drives the steps."""
 
-    def __init__(self, cfg: RunConfig, ds_config: str | None = None, ref_ds_config: str | None = None):
+    def __init__(self, cfg: RunConfig, ds_config: str | None = None, ref_ds_config: str | None = None,
+                 resume_from: Path | None = None):
         self.cfg = cfg
+        self.resume_from = Path(resume_from) if resume_from else None
         # everything that can fail on user input is checked before the (slow) engines are built
         ds_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
         ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
@@ -72,7 +76,8 @@ class Trainer:
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         # rank 0 creates the run directory; a failure there must stop every rank, not leave them waiting
-        made = broadcast_object(self._make_output_dir() if self.rank == 0 else None)
+        made = broadcast_object((str(cfg.output_dir) if self.resume_from else self._make_output_dir())
+                                if self.rank == 0 else None)
         if isinstance(made, AapoError):
             raise made
         self.output_dir = Path(made)
@@ -102,6 +107,13 @@ class Trainer:
                                        gather=cfg.rollout.gather)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
         self.history: list[dict] = []
+        self.start_step, self.eval_before = 1, None
+        self.nonfinite_in_a_row = 0
+        self.stop_signal: int | None = None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif cfg.train.save_every or cfg.train.save_final:
+            self._check_disk_space()
 
     # -- helpers ------------------------------------------------------------------------------
     def _make_output_dir(self) -> str | AapoError:
@@ -158,19 +170,89 @@ class Trainer:
             f.write(json.dumps(m) + "\n")
 
     def save_checkpoint(self, step: int) -> Path:
-        """The policy's full weights and the tokenizer as ``checkpoints/step-<step>`` (HF format),
-        written to a temporary name and renamed, so a directory that exists is complete."""
+        """Save everything a resume needs as ``checkpoints/step-<step>`` (see
+        :mod:`aapo_app.checkpoint`): written under ``.tmp`` and renamed once every rank is done, so a
+        kill or a full disk leaves the previous checkpoint intact. Keeps the last
+        ``train.keep_checkpoints``. Collective: every rank calls it."""
         final = self.output_dir / "checkpoints" / f"step-{step}"
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(tmp, self.tokenizer)
+            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that was killed
+            tmp.mkdir(parents=True, exist_ok=True)
+        barrier()
+        failure = ""
+        try:
+            self.policy.save_pretrained(tmp, self.tokenizer)
+            self.policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            (tmp / "ranks").mkdir(exist_ok=True)
+            torch.save(CK.rank_state(self.sampler), tmp / "ranks" / f"rank{self.rank}.pt")
+            if self.rank == 0:
+                state = {"step": step, "world_size": self.world, "algorithm": self.cfg.algorithm.name,
+                         "base_model": self.cfg.model.path, "eval_before": self.eval_before,
+                         "history": self.history, "config": self.cfg.to_dict()}
+                (tmp / CK.STATE_FILE).write_text(json.dumps(state, indent=1))
+        except OSError as exc:
+            failure = f"{exc.strerror or exc}"
+        failures = failure if self.world == 1 else self._gather_failure(failure)
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = sorted(CK.checkpoint_dirs(self.output_dir))
+            kept = f"the previous checkpoint step-{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise AapoError(f"checkpoint step-{step} could not be written ({failures}); {kept}; free disk space "
+                            f"or lower train.keep_checkpoints, then resume with --resume latest")
         if self.rank == 0:
-            (tmp / "aapo_checkpoint.json").write_text(json.dumps(
-                {"step": step, "algorithm": self.cfg.algorithm.name, "base_model": self.cfg.model.path}))
+            shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            CK.prune(self.output_dir, self.cfg.train.keep_checkpoints)
         barrier()
         return final
+
+    def _gather_failure(self, failure: str) -> str:
+        """Any rank's save error, on every rank (so that all of them stop together)."""
+        import torch.distributed as dist
+
+        box = [None] * self.world
+        dist.all_gather_object(box, failure)
+        return "; ".join(sorted({f for f in box if f}))
+
+    def _restore(self, step_dir: Path) -> None:
+        """Load a checkpoint into the engines, the sampler and the RNGs, and cut the logs back to it."""
+        state = CK.read_state(step_dir)
+        if state.get("world_size") != self.world:
+            raise AapoError(f"--resume: the checkpoint was written by {state.get('world_size')} ranks and this run has "
+                            f"{self.world}; resume with the same number of ranks")
+        load_path, _ = self.policy.engine.load_checkpoint(str(step_dir / "deepspeed"), tag="state",
+                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise AapoError(f"--resume: DeepSpeed could not load {step_dir / 'deepspeed'}; resume from another step")
+        rank_file = step_dir / "ranks" / f"rank{self.rank}.pt"
+        try:
+            CK.restore_rank_state(torch.load(rank_file, weights_only=False), self.sampler)
+        except (OSError, KeyError, ValueError) as exc:
+            raise AapoError(f"--resume: cannot read {rank_file} ({exc}); resume from another step") from exc
+        step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.eval_before = state.get("eval_before")
+        self.start_step = step + 1
+        if self.rank == 0:
+            CK.truncate_jsonl(self.output_dir / "metrics.jsonl", step)
+        CK.truncate_jsonl(self.output_dir / "rollouts" / f"rank{self.rank}.jsonl", step)
+        barrier()
+
+    def _check_disk_space(self) -> None:
+        """Refuse to start when one checkpoint would not fit on the run directory's disk."""
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.module.parameters())
+        need = CK.checkpoint_bytes(numel, 4, self.world)
+        free = shutil.disk_usage(self.output_dir).free
+        if free < need:
+            raise AapoError(f"--output-dir: {free / 2**30:.1f} GiB free on the run directory's disk, one checkpoint needs "
+                            f"about {need / 2**30:.1f} GiB; free space, choose another --output-dir, or set "
+                            f"train.save_final=false train.save_every=0")
+
+    def request_stop(self, signum: int) -> None:
+        """First SIGTERM/SIGINT: finish the current step, save, exit. (The CLI installs the handler.)"""
+        self.stop_signal = signum
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -266,13 +348,20 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         steps = cfg.train.max_steps
-        before = self.evaluate()
-        if self.rank == 0:
-            tqdm.write(f"held-out accuracy before training: {100 * before['eval/accuracy']:.1f}% "
-                       f"({len(self.eval_examples)} problems)", file=sys.stderr)
-            self.log({"step": 0, **before})
-        bar = tqdm(range(1, steps + 1), desc=f"aapo train [{cfg.algorithm.name}]", unit="step",
-                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        if self.eval_before is None:
+            before = self.evaluate()
+            self.eval_before = before
+            if self.rank == 0:
+                tqdm.write(f"held-out accuracy before training: {100 * before['eval/accuracy']:.1f}% "
+                           f"({len(self.eval_examples)} problems)", file=sys.stderr)
+                self.log({"step": 0, **before})
+        elif self.rank == 0:
+            tqdm.write(f"resumed from {self.resume_from} at step {self.start_step - 1}", file=sys.stderr)
+        before = self.eval_before
+        bar = tqdm(range(self.start_step, steps + 1), desc=f"aapo train [{cfg.algorithm.name}]", unit="step",
+                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True, initial=self.start_step - 1,
+                   total=steps)
+        stopped_at = None
         for step in bar:
             m = self.step(step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
@@ -281,29 +370,54 @@ class Trainer:
                 m.update(self.evaluate())
             self.history.append(m)
             self.log(m)
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or (step == steps and cfg.train.save_final):
+            self._count_nonfinite(m)
+            # every rank learns of a signal any rank received, and they stop after the same step
+            stop = all_reduce_sum([1.0 if self.stop_signal is not None else 0.0])[0] > 0
+            saving = (cfg.train.save_every and step % cfg.train.save_every == 0) or (step == steps and cfg.train.save_final)
+            if saving or stop:
                 self.save_checkpoint(step)
             if self.rank == 0:
                 bar.set_postfix(r=f"{m['reward/mean']:.2f}", loss=f"{m['loss']:.3g}")
                 if step % cfg.train.log_every == 0 or step == steps:
                     tqdm.write(M.format_line(m), file=sys.stderr)
-            if not math.isfinite(m["loss"]):
-                raise AapoError("loss became non-finite; lower train.learning_rate or check the rewards")
-        after = self.history[-1]
+            if stop and step != steps:
+                stopped_at = step
+                break
+        bar.close()
+        last = self.history[-1] if self.history else {}
         summary = {
             "output_dir": str(self.output_dir),
             "algorithm": cfg.algorithm.name,
-            "steps": steps,
+            "steps": stopped_at or steps,
+            "stopped_early": stopped_at is not None,
             "eval_before": before["eval/accuracy"],
-            "eval_after": after["eval/accuracy"],
+            "eval_after": last.get("eval/accuracy"),
             "eval_format_before": before.get("eval/format_rate"),
-            "eval_format_after": after.get("eval/format_rate"),
+            "eval_format_after": last.get("eval/format_rate"),
             "eval_problems": len(self.eval_examples),
-            "checkpoint": str(self.output_dir / "checkpoints" / f"step-{steps}") if cfg.train.save_final else None,
+            "skipped_nonfinite_steps": int(sum(m.get("skipped_nonfinite", 0) for m in self.history)),
+            "checkpoint": (str(self.output_dir / "checkpoints" / f"step-{stopped_at or steps}")
+                           if cfg.train.save_final or stopped_at else None),
         }
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _count_nonfinite(self, m: dict) -> None:
+        """A step whose loss or gradient was not finite was skipped by the optimizer (DeepSpeed
+        ZeRO-2/3 skip a step whose gradient norm is inf/NaN); stop after too many in a row."""
+        if m.get("skipped_nonfinite", 0) > 0:
+            self.nonfinite_in_a_row += 1
+            if self.rank == 0:
+                tqdm.write(f"step {m['step']}: non-finite loss or gradient, update skipped "
+                           f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr)
+        else:
+            self.nonfinite_in_a_row = 0
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit and self.nonfinite_in_a_row >= limit:
+            raise AapoError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
+                            f"(train.max_nonfinite_steps={limit}); lower train.learning_rate, check the rewards for "
+                            f"NaN/inf, or use bf16/fp32 instead of fp16; resume from the last checkpoint with --resume")
 
     def close(self) -> None:
         self.rewards.close()

@@ -46,6 +46,7 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
         with torch.no_grad():  # pi_old: the policy that sampled the batch
             old = [policy.completion_logprobs(seq, attn, width, temperature) for seq, attn, _, width, _, _ in micro_batches]
     losses, stats_sum = [], {}
+    skipped_before = policy.engine.skipped_steps
     for _ in range(iterations):
         for (seq, attn, cmask, width, adv, ref), old_logp in zip(micro_batches, old):
             logp = policy.completion_logprobs(seq, attn, width, temperature)  # [n, T_c]
@@ -64,6 +65,9 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
         "lr": float(lr),
         "update_seconds": seconds,
         "update_tokens": float(samples.attention_mask.sum()) * iterations,
+        # DeepSpeed ZeRO-2/3 skip an optimizer step whose gradient norm is inf or NaN (a non-finite
+        # loss gives one); the weights and optimizer states stay as they were
+        "skipped_nonfinite": float(policy.engine.skipped_steps - skipped_before),
     }
     metrics.update({f"algo/{k}": v / len(losses) for k, v in stats_sum.items()})
     return metrics

@@ -169,3 +169,28 @@ def test_gold_self_consistency_over_1517_problems(all_problems, protocol):
             wrong = [(p.id, p.gold, r.status) for p, r in zip(problems, results) if not r.correct]
             assert not unparsed, f"{name}: golds that do not parse: {unparsed[:5]}"
             assert not wrong, f"{name}: {len(wrong)}/{len(problems)} golds not accepted: {wrong[:5]}"
+
+
+def test_benchmarks_load_from_the_hub_by_default(monkeypatch):
+    """Without --data-dir each benchmark is read through datasets.load_dataset(hub id), taking its
+    named split (or the only one there is), and normalised the same way."""
+    import datasets
+
+    asked = []
+
+    def fake_load(hub_id):
+        asked.append(hub_id)
+        rows = [{"problem": "p1", "answer": 27.0}, {"problem": "p2", "answer": 3.5}]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    problems = load_benchmark("amc23")
+    assert asked == ["knoveleng/AMC-23"]
+    assert [(p.problem, p.gold) for p in problems] == [("p1", "27"), ("p2", "3.5")]
+
+    def offline(hub_id):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(AapoError, match="cannot load HuggingFaceH4/aime_2024 from the hub.*--data-dir"):
+        load_benchmark("aime24")

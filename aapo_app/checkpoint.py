@@ -1,0 +1,121 @@
+"""Checkpoints that survive: save, keep the last K, find one to resume from, and restore it.
+
+A checkpoint is a directory ``<run>/checkpoints/step-<N>/`` holding
+
+* the policy's full weights and tokenizer as a Hugging Face model (``config.json``,
+  ``model.safetensors``, ...): ``aapo eval --run`` and ``from_pretrained`` read these;
+* ``deepspeed/``: the DeepSpeed engine checkpoint (every rank's ZeRO partitions, the optimizer
+  states and the learning-rate scheduler), written by ``engine.save_checkpoint``;
+* ``ranks/rank<r>.pt``: each rank's RNG states (torch, CUDA, Python) and prompt-sampler position;
+* ``trainer_state.json``: the step, the metrics so far, the world size and the resolved config.
+
+It is written under ``step-<N>.tmp`` and renamed when every rank has finished, so a kill or a full
+disk during a save leaves the previous checkpoint as it was; a directory named ``step-<N>`` is
+complete. Every rank must see the run directory (a shared filesystem on several nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from aapo_app.errors import AapoError
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
+    """Complete checkpoints of a run by step (unfinished ``.tmp`` saves are ignored)."""
+    found = {}
+    for d in (Path(run_dir) / "checkpoints").glob("step-*"):
+        tail = d.name[len("step-"):]
+        if tail.isdigit() and d.is_dir():
+            found[int(tail)] = d
+    return found
+
+
+def resumable(step_dir: Path) -> bool:
+    return (step_dir / STATE_FILE).is_file() and (step_dir / "deepspeed").is_dir()
+
+
+def find_resume_checkpoint(spec: str, output_dir: str | None) -> Path:
+    """``--resume latest`` (the newest resumable checkpoint of ``--output-dir``), a run directory
+    (its newest), or one ``checkpoints/step-N`` directory."""
+    if spec == "latest":
+        if not output_dir:
+            raise AapoError("--resume latest needs --output-dir RUN_DIR (the run to continue)")
+        root = Path(output_dir)
+    else:
+        root = Path(spec)
+    if not root.is_dir():
+        raise AapoError(f"--resume: '{root}' is not a directory; give a run directory or one of its "
+                        f"checkpoints/step-N")
+    if root.name.startswith("step-") and root.parent.name == "checkpoints":
+        if not resumable(root):
+            raise AapoError(f"--resume: '{root}' is not a complete checkpoint (no {STATE_FILE} or deepspeed/); "
+                            f"choose another step")
+        return root
+    steps = {s: d for s, d in checkpoint_dirs(root).items() if resumable(d)}
+    if not steps:
+        raise AapoError(f"--resume: '{root}' has no resumable checkpoint (checkpoints/step-N with {STATE_FILE}); "
+                        f"the run must have saved one (train.save_every, or the end of training)")
+    return steps[max(steps)]
+
+
+def read_state(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AapoError(f"--resume: cannot read {step_dir / STATE_FILE} ({exc}); the checkpoint is damaged, "
+                        f"resume from an earlier one") from exc
+
+
+def rank_state(sampler) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": sampler.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rank_state(state: dict, sampler) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    sampler.load_state_dict(state["sampler"])
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns what was deleted."""
+    if keep <= 0:
+        return []
+    steps = sorted(checkpoint_dirs(run_dir))
+    gone = []
+    for step in steps[:-keep]:
+        path = checkpoint_dirs(run_dir)[step]
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path)
+    return gone
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop the lines of a per-step log written after ``max_step`` (by a run killed after a save)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def checkpoint_bytes(model_numel: int, param_bytes: int, world: int) -> int:
+    """Rough size of one checkpoint: HF weights + fp32 master weights and two Adam moments."""
+    return model_numel * (param_bytes + 12) + 64 * 2**20 * world

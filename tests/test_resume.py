@@ -1,0 +1,140 @@
+"""Runs that survive: SIGKILL after a checkpoint and --resume gives the uninterrupted run's metrics
+(1 and 2 ranks); SIGTERM finishes the step, saves and exits; non-finite steps are skipped and
+counted; a failed save leaves the previous checkpoint; resume refuses a changed config."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(model_dir, out, steps=4):
+    # a reward that varies on the random model (tests/plugin_rewards.py), so every step moves the weights
+    return ["train", "--max-steps", str(steps), "--output-dir", str(out), f"model.path={model_dir}",
+            "rollout.group_size=4", "rollout.prompts_per_rank=2", "rollout.max_new_tokens=8",
+            "train.micro_batch_size=4", "data.eval_size=2", "train.eval_max_new_tokens=4", "rewards.num_workers=1",
+            "train.learning_rate=1e-2", "train.save_every=2", "train.keep_checkpoints=0",
+            "rewards.plugins=[plugin_rewards]", "rewards.weights={test_char_length: 1.0, boxed_format: 0.5}"]
+
+
+def command(world, args):
+    if world == 1:
+        return [sys.executable, "-m", "aapo_app", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+            str(free_port()), "-m", "aapo_app", *args]
+
+
+def env():
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    e = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+             PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return e
+
+
+def run(cmd, expect=0):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900, cwd=REPO)
+    assert proc.returncode == expect, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def metrics(out):
+    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())}
+
+
+def start_and_wait(cmd, ready, timeout=600):
+    """Start ``cmd`` in its own process group and wait until ``ready()`` is true."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+    return proc
+
+
+def assert_same_steps(a, b, steps):
+    for step in steps:
+        for key in ("reward/mean", "advantage/mean", "algo/zero_std_group_frac", "completion_len/mean"):
+            assert a[step][key] == b[step][key], (step, key)  # same samples, same rewards
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-7), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4), step
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, world):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(command(world, train_args(tiny_model_dir, straight)))
+    # the same run, killed (SIGKILL, whole process group) as soon as the step-2 checkpoint exists
+    proc = start_and_wait(command(world, train_args(tiny_model_dir, killed)),
+                          lambda: (killed / "checkpoints" / "step-2").is_dir())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    resumed = run(command(world, train_args(tiny_model_dir, killed) + ["--resume", "latest"]))
+    assert "resumed from" in resumed.stderr
+    a, b = metrics(straight), metrics(killed)
+    assert sorted(b) == [0, 1, 2, 3, 4]  # steps the killed run logged after step 2 were cut
+    assert_same_steps(a, b, [3, 4])
+    assert json.loads((killed / "summary.json").read_text())["eval_after"] == a[4]["eval/accuracy"]
+    from safetensors.torch import load_file
+
+    wa = load_file(straight / "checkpoints" / "step-4" / "model.safetensors")
+    wb = load_file(killed / "checkpoints" / "step-4" / "model.safetensors")
+    import torch
+
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(command(1, train_args(tiny_model_dir, straight)))
+    args = train_args(tiny_model_dir, stopped) + ["train.save_every=0"]
+    proc = start_and_wait(command(1, args), lambda: (stopped / "metrics.jsonl").is_file()
+                          and len((stopped / "metrics.jsonl").read_text().splitlines()) >= 2)  # step 0 and 1
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    summary = json.loads((stopped / "summary.json").read_text())
+    k = summary["steps"]
+    assert summary["stopped_early"] and 1 <= k < 4
+    assert (stopped / "checkpoints" / f"step-{k}" / "trainer_state.json").is_file()
+    assert "SIGTERM: finishing this step" in err and "resume with: aapo train --resume latest" in out
+    run(command(1, args + ["--resume", "latest"]))
+    assert_same_steps(metrics(straight), metrics(stopped), range(k + 1, 5))
+
+
+def test_resume_refuses_a_changed_config_and_extends_max_steps(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(command(1, train_args(tiny_model_dir, out, steps=2)))
+    changed = run(command(1, train_args(tiny_model_dir, out, steps=4) + ["rollout.group_size=8", "--resume", "latest"]),
+                  expect=2)
+    assert changed.stderr.strip().splitlines() == [
+        "error: --resume: the run was trained with rollout.group_size=4 but this command gives 8; resume with the "
+        "run's own config (only train.max_steps may change) or start a new run"]
+    done = run(command(1, train_args(tiny_model_dir, out, steps=2) + ["--resume", "latest"]), expect=2)
+    assert "raise train.max_steps" in done.stderr
+    run(command(1, train_args(tiny_model_dir, out, steps=3) + ["--resume", "latest"]))  # one more step
+    assert sorted(metrics(out)) == [0, 1, 2, 3]
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{not json")
+    broken = run(command(1, train_args(tiny_model_dir, out, steps=4) + ["--resume", "latest"]), expect=2)
+    assert "trainer_state.json" in broken.stderr and "damaged" in broken.stderr
