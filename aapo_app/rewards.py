@@ -452,6 +452,13 @@ class RewardModel:
         graded = False  # grading rewards share one cached verification: count its statuses once
         for name, reward in self.rewards.items():
             values = torch.tensor(reward(completions, answers, lengths), dtype=torch.float32)  # [N]
+            if values.shape != (n,):
+                raise AapoError(f"reward '{name}' returned {tuple(values.shape)} values for {n} completions; "
+                                f"it must return one float per completion")
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).sum())
+                raise AapoError(f"reward '{name}' returned NaN or inf for {bad} of {n} completions; "
+                                f"fix the reward function (rewards must be finite numbers)")
             per_reward[name] = values
             total += self.weights[name] * values
             for key, count in reward.counts.items():

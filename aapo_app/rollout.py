@@ -90,7 +90,16 @@ def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, s
     torch.manual_seed(seed)
     for start in range(0, ids.shape[0], chunk or ids.shape[0]):
         stop = start + (chunk or ids.shape[0])
-        out = gen.generate(input_ids=ids[start:stop].to(dev), attention_mask=mask[start:stop].long().to(dev), **kwargs)
+        try:
+            out = gen.generate(input_ids=ids[start:stop].to(dev), attention_mask=mask[start:stop].long().to(dev),
+                               **kwargs)
+        except RuntimeError as exc:
+            if "probability tensor contains" not in str(exc):
+                raise
+            from aapo_app.errors import AapoError
+
+            raise AapoError("sampling met NaN/inf probabilities: the model's weights are no longer finite; resume "
+                            "from an earlier checkpoint (--resume DIR) with a lower train.learning_rate") from exc
         pieces.append(out[:, ids.shape[1]:].cpu())
     width = max(p.shape[1] for p in pieces)
     completion = torch.full((ids.shape[0], width), tokenizer.pad_token_id, dtype=ids.dtype)

@@ -11,3 +11,22 @@ if "test_char_length" not in REWARDS:
     class CharLengthReward(Reward):
         def __call__(self, completions, answers, lengths):
             return [len(c) / 100.0 for c in completions]
+
+if "test_nan" not in REWARDS:
+
+    @register_reward("test_nan")
+    class NanReward(Reward):
+        """NaN for every completion: the loss becomes NaN, so every update must be skipped."""
+
+        def __call__(self, completions, answers, lengths):
+            return [float("nan")] * len(completions)
+
+if "test_huge" not in REWARDS:
+
+    @register_reward("test_huge")
+    class HugeReward(Reward):
+        """3e38 (finite, near float32's maximum) for completions of even character length, else 0:
+        with Dr. GRPO's unnormalised advantages the loss overflows to inf."""
+
+        def __call__(self, completions, answers, lengths):
+            return [3e38 if len(c) % 2 == 0 else 0.0 for c in completions]

@@ -4,6 +4,7 @@
 """
 
 import json
+import math
 
 import deepspeed
 import pytest
@@ -276,3 +277,82 @@ def test_gpg_regeneration(tiny_model_dir, tmp_path):
         trainer.close()
     last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["resample_rounds"] == 1 and last["algo/alpha"] == 0.0  # all flat on a random model
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tmp_path):
+    """Rewards near float32's maximum (3e38, tests/plugin_rewards.py) with Dr. GRPO's unnormalised
+    advantages r - mean make the loss overflow to inf and the gradient non-finite: DeepSpeed skips
+    every optimizer step (weights untouched), each is counted in skipped_nonfinite, and after
+    train.max_nonfinite_steps = 2 in a row the run stops with a message that says what to try."""
+    from aapo_app.errors import AapoError
+
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "overflow", "train.max_steps=6",
+                                               "algorithm.name=dr_grpo", "train.max_nonfinite_steps=2",
+                                               "train.save_final=false", "rewards.weights={test_huge: 1.0}"))
+    trainer = Trainer(cfg)
+    try:
+        before = full_params(trainer.policy)
+        with pytest.raises(AapoError, match="2 steps in a row had a non-finite loss or gradient.*learning_rate"):
+            trainer.train()
+        after = full_params(trainer.policy)
+    finally:
+        trainer.close()
+    assert [m["skipped_nonfinite"] for m in trainer.history] == [1.0, 1.0]
+    assert not all(map(math.isfinite, [trainer.history[0]["loss"]]))  # the loss really was inf/NaN
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps left the weights alone
+
+
+def test_nan_reward_is_a_clear_error(tiny_model_dir, tmp_path):
+    from aapo_app.errors import AapoError
+
+    trainer = Trainer(load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "nan", "train.save_final=false",
+                                                           "rewards.weights={test_nan: 1.0}")))
+    try:
+        with pytest.raises(AapoError, match="reward 'test_nan' returned NaN or inf for 8 of 8 completions"):
+            trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """A save that fails (here: the disk is full while the weights are written) raises a one-line
+    error naming the intact previous checkpoint, and leaves no half-written directory."""
+    import errno
+
+    from aapo_app.engine import ZeroModel
+    from aapo_app.errors import AapoError
+
+    out = tmp_path / "run"
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, out, "train.max_steps=2", "train.save_every=1"))
+    trainer = Trainer(cfg)
+    real_save, calls = ZeroModel.save_pretrained, []
+
+    def full_disk(self, path, tokenizer=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, path, tokenizer)
+
+    monkeypatch.setattr(ZeroModel, "save_pretrained", full_disk)
+    try:
+        with pytest.raises(AapoError) as info:
+            trainer.train()
+    finally:
+        trainer.close()
+    message = str(info.value)
+    assert message.startswith("checkpoint step-2 could not be written (No space left on device); "
+                              "the previous checkpoint step-1 is intact")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+
+
+def test_disk_space_is_checked_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from aapo_app.errors import AapoError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(AapoError, match="GiB free on the run directory's disk, one checkpoint needs"):
+        Trainer(load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "full")))

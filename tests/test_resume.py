@@ -69,6 +69,32 @@ def start_and_wait(cmd, ready, timeout=600):
     return proc
 
 
+def descendants(pid):
+    """Every process below ``pid`` (torchrun's workers may sit in process groups of their own)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def kill_all(proc):
+    """SIGKILL the launcher and every rank under it at once, as a job scheduler or the OOM killer would."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def assert_same_steps(a, b, steps):
     for step in steps:
         for key in ("reward/mean", "advantage/mean", "algo/zero_std_group_frac", "completion_len/mean"):
@@ -84,11 +110,10 @@ pytestmark = pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, world):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run(command(world, train_args(tiny_model_dir, straight)))
-    # the same run, killed (SIGKILL, whole process group) as soon as the step-2 checkpoint exists
+    # the same run, killed (SIGKILL, every process) as soon as the step-2 checkpoint exists
     proc = start_and_wait(command(world, train_args(tiny_model_dir, killed)),
                           lambda: (killed / "checkpoints" / "step-2").is_dir())
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_all(proc)
     assert not (killed / "summary.json").exists()
     resumed = run(command(world, train_args(tiny_model_dir, killed) + ["--resume", "latest"]))
     assert "resumed from" in resumed.stderr
