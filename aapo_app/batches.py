@@ -77,6 +77,7 @@ class ScoredBatch:
         reward_parts: reward name -> ``[P, G]`` unweighted values (policy samples).
         advantages: ``[P, G]`` per-sample advantage from the algorithm.
         diagnostics: algorithm and reward diagnostics (floats), already named as metrics.
+        advantage_parts: the terms the advantage is the sum of, by name (AAPO: group_term, momentum).
     """
 
     rollout: RolloutBatch
@@ -85,6 +86,7 @@ class ScoredBatch:
     reward_parts: dict[str, torch.Tensor]
     advantages: torch.Tensor
     diagnostics: dict[str, float] = field(default_factory=dict)
+    advantage_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, G] (AAPO's two terms)
 
 
 def _pad_samples(s: Samples, prompt_width: int, completion_width: int, pad_id: int) -> Samples:

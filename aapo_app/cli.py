@@ -46,14 +46,17 @@ def main() -> None:
 @click.option("--max-steps", type=int, default=None, help="Shorthand for train.max_steps=N.")
 @click.option("--seed", type=int, default=None, help="Shorthand for train.seed=S.")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and meaning, and exit.")
+@click.option("--report-to", default=None, metavar="wandb,tensorboard",
+              help="Experiment trackers (comma list); shorthand for train.report_to=[...]. wandb goes offline "
+                   "by itself without an API key or network.")
 @click.option("--resume", default=None, metavar="latest|DIR",
               help="Continue a run from a checkpoint: latest (the newest in --output-dir), a run directory, or "
                    "one of its checkpoints/step-N. The run's config is reused; only train.max_steps may change.")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True,
               help="Set by the deepspeed launcher; the rank is read from the environment.")
 @click.argument("overrides", nargs=-1)
-def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, help_config, resume, local_rank,
-          overrides):
+def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, help_config, report_to, resume,
+          local_rank, overrides):
     """Train with AAPO (or a baseline) on a DeepSpeed engine.
 
     OVERRIDES are KEY=VALUE pairs on top of the config file, e.g. algorithm.name=grpo
@@ -72,6 +75,13 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
         extra.append(f"train.seed={seed}")
     if output_dir is not None:
         extra.append(f"output_dir={output_dir}")
+    if report_to is not None:
+        try:
+            from aapo_app.reporting import parse_report_to
+
+            extra.append(f"train.report_to=[{','.join(parse_report_to(report_to))}]")
+        except AapoError as exc:
+            _fail(str(exc))
     trainer = None
     try:
         resume_from = None
@@ -301,6 +311,24 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
     shutil.rmtree(out / "partial", ignore_errors=True)  # the journal's work is in samples.jsonl now
     click.echo(paths["markdown"].read_text())
     click.echo(f"results: {paths['json']}\ntable: {paths['markdown']}\nsamples: {paths['samples']}")
+
+
+@main.command("export")
+@click.argument("run_dir")
+@click.option("--out", required=True, help="New directory for the Hugging Face model.")
+@click.option("--step", default=None, help="Checkpoint step (default: the latest).")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), show_default=True,
+              help="Weight dtype; auto keeps the training dtype (the checkpoint's config).")
+def export_command(run_dir, out, step, dtype):
+    """Export a training run's checkpoint as a Hugging Face model directory (safetensors, config,
+    tokenizer, generation config) that from_pretrained and `aapo eval --model` load."""
+    from aapo_app.export import export
+
+    try:
+        path = export(run_dir, out, step, dtype)
+    except AapoError as exc:
+        _fail(str(exc))
+    click.echo(f"exported: {path}")
 
 
 @main.command("grade")

@@ -147,6 +147,11 @@ class TrainConfig:
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     log_rollouts: bool = _f(True, "append every group (prompt, completions, rewards, advantages) to rollouts/rank<r>.jsonl")
     save_every: int = _f(0, "save the policy as a Hugging Face checkpoint (checkpoints/step-N) every N steps (0 = off)")
+    report_to: list = _f([], "experiment trackers: wandb and/or tensorboard (metrics.jsonl is always written)")
+    run_name: str = _f("", "name of the run in wandb / TensorBoard (default: the run directory's name)")
+    tags: list = _f([], "wandb tags")
+    wandb_project: str = _f("aapo", "wandb project")
+    log_samples_every: int = _f(10, "every N steps, log the first prompt's group (completions, rewards, advantage terms) as a table (0 = off)")
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints (0 = keep all)")
     max_nonfinite_steps: int = _f(3, "stop after this many steps in a row whose update was skipped for a non-finite loss or gradient (0 = never)")
     save_final: bool = _f(True, "save the policy after the last step (checkpoints/step-<max_steps>); `aapo eval --run` reads these")
@@ -166,6 +171,14 @@ class TrainConfig:
             raise AapoError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if self.warmup_steps > self.max_steps:
             raise AapoError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}; lower it")
+        from aapo_app.reporting import REPORTERS
+
+        if not isinstance(self.report_to, list) or any(t not in REPORTERS for t in self.report_to):
+            raise AapoError(f"train.report_to must be a list from {', '.join(REPORTERS)} (got {self.report_to!r})")
+        if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
+            raise AapoError(f"train.tags must be a list of strings (got {self.tags!r})")
+        if self.log_samples_every < 0:
+            raise AapoError(f"train.log_samples_every must be >= 0 (got {self.log_samples_every}); 0 turns it off")
         if self.keep_checkpoints < 0 or self.max_nonfinite_steps < 0:
             raise AapoError("train.keep_checkpoints and train.max_nonfinite_steps must be >= 0 (0 = no limit)")
         if self.save_every < 0:

@@ -39,4 +39,4 @@ def score(batch: RolloutBatch, reward_model, algorithm) -> ScoredBatch:
     diagnostics["advantage/std"] = _std(adv.advantages)
     return ScoredBatch(rollout=batch, rewards=rewards, ref_rewards=ref_rewards, reward_parts={
         name: values.view(P, G) for name, values in out.per_reward.items()
-    }, advantages=adv.advantages, diagnostics=diagnostics)
+    }, advantages=adv.advantages, diagnostics=diagnostics, advantage_parts=adv.parts)

@@ -30,6 +30,7 @@ from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, 
 from aapo_app.engine import ZeroModel, check_hybrid_engine, all_reduce_sum, barrier, broadcast_object, init_distributed
 from aapo_app.errors import AapoError
 from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
+from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
 from aapo_app.rewards import RewardModel
 from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
 from aapo_app.scoring import score
@@ -114,6 +115,7 @@ class Trainer:
             self._restore(self.resume_from)
         elif cfg.train.save_every or cfg.train.save_final:
             self._check_disk_space()
+        self.reporter = self._make_reporter()
 
     # -- helpers ------------------------------------------------------------------------------
     def _make_output_dir(self) -> str | AapoError:
@@ -250,6 +252,19 @@ class Trainer:
                             f"about {need / 2**30:.1f} GiB; free space, choose another --output-dir, or set "
                             f"train.save_final=false train.save_every=0")
 
+    def _make_reporter(self) -> Reporter:
+        """wandb / TensorBoard on rank 0 with the full config and the code's git commit; the same
+        facts go to run_info.json."""
+        cfg = self.cfg
+        info = {"git_commit": git_commit(), "world_size": self.world, "model_path": self.model_path,
+                "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None}
+        if self.rank == 0:
+            (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        config = {**cfg.to_dict(), "ds_config": self.ds_policy, "ds_config_reference": self.ds_ref, **info}
+        return Reporter(cfg.train.report_to, self.output_dir, cfg.train.run_name or self.output_dir.name,
+                        cfg.train.tags, cfg.train.wandb_project, config, self.rank,
+                        log=lambda msg: tqdm.write(msg, file=sys.stderr))
+
     def request_stop(self, signum: int) -> None:
         """First SIGTERM/SIGINT: finish the current step, save, exit. (The CLI installs the handler.)"""
         self.stop_signal = signum
@@ -323,6 +338,11 @@ class Trainer:
         batch, rounds = self._rollout_with_resampling(step)
         scored = score(batch, self.rewards, self.algorithm)
         self.log_rollout(step, scored)
+        every = cfg.train.log_samples_every
+        if self.rank == 0 and every and (step % every == 0 or step == 1):
+            rows = sample_rows(scored)
+            write_samples_file(self.output_dir, step, rows)
+            self.reporter.samples(rows, step)
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.train.micro_batch_size,
                      temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
         pol = batch.policy
@@ -355,6 +375,7 @@ class Trainer:
                 tqdm.write(f"held-out accuracy before training: {100 * before['eval/accuracy']:.1f}% "
                            f"({len(self.eval_examples)} problems)", file=sys.stderr)
                 self.log({"step": 0, **before})
+            self.reporter.metrics(before, 0)
         elif self.rank == 0:
             tqdm.write(f"resumed from {self.resume_from} at step {self.start_step - 1}", file=sys.stderr)
         before = self.eval_before
@@ -370,6 +391,7 @@ class Trainer:
                 m.update(self.evaluate())
             self.history.append(m)
             self.log(m)
+            self.reporter.metrics(m, step)
             self._count_nonfinite(m)
             # every rank learns of a signal any rank received, and they stop after the same step
             stop = all_reduce_sum([1.0 if self.stop_signal is not None else 0.0])[0] > 0
@@ -421,3 +443,5 @@ class Trainer:
 
     def close(self) -> None:
         self.rewards.close()
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.finish()

@@ -98,8 +98,20 @@ def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
     # the final checkpoint: a complete HF directory of the real (tied-embedding) model
     ckpt = out / "checkpoints" / "step-1"
     assert f"checkpoint: {ckpt}" in proc.stdout and summary["checkpoint"] == str(ckpt)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "aapo_checkpoint.json"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "deepspeed"} <= {
         p.name for p in ckpt.iterdir()}
+    # export merges the ZeRO-3 partitions of the real, tied-embedding model: same logits as the
+    # weights the engine gathered at the save
+    proc = subprocess.run([sys.executable, "-m", "aapo_app", "export", str(out), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 504, 3017, 28, 9]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(ckpt)(input_ids=ids).logits
+    assert torch.equal(a, b)
 
 
 def test_readme_glossary_defines_every_metric():

@@ -356,3 +356,87 @@ def test_disk_space_is_checked_before_training(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(AapoError, match="GiB free on the run directory's disk, one checkpoint needs"):
         Trainer(load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "full")))
+
+
+@pytest.mark.slow
+def test_wandb_offline_tensorboard_and_sample_tables(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """report_to wandb + tensorboard without an API key: wandb runs offline and the sync command is
+    printed; TensorBoard gets every metric; the rollout sample table has AAPO's advantage terms, and
+    the group term plus the momentum term is the advantage."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    out = tmp_path / "tracked"
+    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, out, "train.report_to=[wandb, tensorboard]",
+                                               "train.log_samples_every=2", "train.tags=[test]",
+                                               "train.save_final=false"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    err = capsys.readouterr().err
+    assert "wandb: offline (no wandb API key" in err and "upload it with: wandb sync" in err
+    assert list((out / "wandb").glob("offline-run-*"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(info["git_commit"]) >= 7
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"reward/mean", "loss", "algo/clip_high_frac", "eval/accuracy"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    table = (out / "samples" / "step-2.md").read_text()
+    header = table.splitlines()[2]
+    for col in ("prompt", "completion", "ref_completion", "reward/test_char_length", "advantage",
+                "advantage/group_term", "advantage/momentum"):
+        assert f" {col} " in header, col
+    assert (out / "samples" / "step-1.md").is_file()
+
+
+def test_advantage_parts_sum_to_the_advantage():
+    """AAPO's parts by hand: rewards [1, 0], reference [0, 0]; mean 0.5, unbiased std 0.7071:
+    group term ±0.5/(0.7071+1e-4) = ±0.70700; momentum clip([1, 0], -0.2, 0.28) = [0.28, 0]."""
+    from aapo_app.algorithms import build_algorithm
+
+    out = build_algorithm("aapo").advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
+    g = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert out.parts["group_term"].tolist()[0] == pytest.approx([g, -g], rel=1e-6)
+    assert out.parts["momentum"].tolist()[0] == pytest.approx([0.28, 0.0], abs=1e-6)
+    assert torch.allclose(out.parts["group_term"] + out.parts["momentum"], out.advantages)
+
+
+def test_export_gives_the_training_engines_logits(tiny_model_dir, tmp_path):
+    """`aapo export` merges the ZeRO-3 partitions of a checkpoint into a HF directory whose model
+    gives exactly the trained engine's logits."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from aapo_app.cli import main
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_run_config(None, tiny_overrides(tiny_model_dir, out)))
+    try:
+        trainer.train()
+        ids = torch.tensor([[1, 5, 9, 200, 3000, 17]])
+        with trainer.policy.generation_mode() as module:
+            engine_logits = module(input_ids=ids).logits.clone()
+    finally:
+        trainer.close()
+    result = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    exported = tmp_path / "hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in exported.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, engine_logits)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        assert not torch.equal(base(input_ids=ids).logits, engine_logits)  # training changed it
+    again = CliRunner().invoke(main, ["export", str(out), "--out", str(exported)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    missing = CliRunner().invoke(main, ["export", str(out), "--step", "7", "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "saved steps: 2" in missing.output

@@ -262,7 +262,7 @@ def test_eval_of_a_training_runs_checkpoints(tiny_model_dir, tmp_path, shared_di
     finally:
         trainer.close()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    meta = json.loads((run_dir / "checkpoints" / "step-2" / "aapo_checkpoint.json").read_text())
+    meta = json.loads((run_dir / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert meta["step"] == 2 and meta["algorithm"] == "aapo"
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
     saved = dict(AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-2").named_parameters())

@@ -214,4 +214,6 @@ class AAPO(CrossEntropyPGAlgorithm):
         advantages, diagnostics = aapo_advantages(
             rewards, ref_rewards, delta_low=p.delta_low, delta_high=p.delta_high, eps=p.eps, clip=p.clip
         )
-        return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
+        group_term = group_advantages(check_rewards(rewards), eps=p.eps, scale_by_std=True)
+        return AdvantageOutput(advantages=advantages, diagnostics=diagnostics,
+                               parts={"group_term": group_term, "momentum": advantages - group_term})

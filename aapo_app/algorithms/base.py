@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -41,10 +41,13 @@ class AdvantageOutput:
     Attributes:
         advantages: ``[P, G]`` float tensor, one advantage per sample, no gradient.
         diagnostics: scalar metrics of this batch; every key is defined in ``Algorithm.metrics``.
+        parts: for advantages that are a sum of terms (AAPO: group term + momentum term), each term,
+            for the logged rollout samples; empty otherwise.
     """
 
     advantages: Tensor  # [P, G]
     diagnostics: dict[str, float]
+    parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [P, G] terms that sum to advantages
 
 
 @dataclass
