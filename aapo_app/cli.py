@@ -141,8 +141,11 @@ def _resume_config(resume, output_dir, config_path, extra):
     if output_dir is not None and Path(output_dir).resolve() != run_dir.resolve():
         raise AapoError(f"--output-dir '{output_dir}' is not the run being resumed ('{run_dir}'); drop it or make them match")
     saved = read_state(step_dir)
-    base = config_path or str(run_dir / "config.yaml")
-    cfg = load_run_config(base, [e for e in extra if not e.startswith("output_dir=")] + [f"output_dir={run_dir}"])
+    if not isinstance(saved.get("config"), dict) or "step" not in saved:
+        raise AapoError(f"--resume: {step_dir / 'trainer_state.json'} lacks the run's config or step; the checkpoint is "
+                        f"damaged, resume from an earlier one")
+    cfg = load_run_config(config_path, [e for e in extra if not e.startswith("output_dir=")] + [f"output_dir={run_dir}"],
+                          base=None if config_path else saved["config"])
     old, new = _flatten(saved["config"]), _flatten(cfg.to_dict())
     for key in sorted(set(old) | set(new)):
         if key in ("train.max_steps", "output_dir") or old.get(key) == new.get(key):
@@ -329,6 +332,46 @@ def export_command(run_dir, out, step, dtype):
     except AapoError as exc:
         _fail(str(exc))
     click.echo(f"exported: {path}")
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--smooth", "window", type=int, default=1, show_default=True,
+              help="Trailing moving average over this many steps (1 = raw).")
+def plot_command(run_dirs, out, window):
+    """Plot reward, accuracy, loss, completion length and the algorithm diagnostics (zero-std group
+    fraction, clip rates) against step for one or more runs, overlaid with a legend."""
+    from aapo_app.plot import plot_runs
+
+    if window < 1:
+        _fail(f"--smooth must be >= 1 (got {window})")
+    try:
+        drawn = plot_runs(list(run_dirs), out, window)
+    except AapoError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {out} ({len(run_dirs)} run(s); panels: {', '.join(drawn)})")
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Run config (YAML or JSON).")
+@click.option("--ds-config", type=click.Path(dir_okay=False), default=None, help="Policy DeepSpeed config.")
+@click.option("--ref-ds-config", type=click.Path(dir_okay=False), default=None, help="Reference DeepSpeed config.")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="Ranks the run will use (GPUs per node x nodes): the batch arithmetic is checked for it.")
+@click.argument("overrides", nargs=-1)
+def check_config_command(config_path, ds_config, ref_ds_config, world_size, overrides):
+    """Validate a run before launching it: config keys and types, rewards, algorithm parameters,
+    DeepSpeed batch-size arithmetic for --world-size ranks (and DeepSpeed's own parser), group size
+    vs batch, dataset and columns, prompt lengths vs the model's context. Prints the resolved config
+    and the filled DeepSpeed configs; exit 0 when everything holds, 2 with a one-line error otherwise."""
+    from aapo_app.check import check_config
+
+    try:
+        report = check_config(config_path, ds_config, ref_ds_config, world_size, list(overrides))
+    except AapoError as exc:
+        _fail(str(exc))
+    click.echo(report)
 
 
 @main.command("grade")

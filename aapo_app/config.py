@@ -323,9 +323,12 @@ def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override, type-check and validate a run config."""
-    data = read_config_file(path) if path else {}
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    base: dict | None = None) -> RunConfig:
+    """Read (or take ``base``, e.g. a checkpoint's saved config), override, type-check and validate a run config."""
+    import copy
+
+    data = read_config_file(path) if path else copy.deepcopy(base or {})
     data = apply_overrides(data, list(overrides or []))
     algo = data.pop("algorithm", None) or {}
     if not isinstance(algo, dict):

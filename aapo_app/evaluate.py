@@ -276,11 +276,9 @@ def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise AapoError(f"--run: '{run_dir}' is not a directory; give a training run directory")
-    found = {}
-    for d in (root / "checkpoints").glob("step-*"):
-        tail = d.name[len("step-"):]
-        if tail.isdigit() and (d / "config.json").is_file():
-            found[int(tail)] = d
+    from aapo_app.checkpoint import checkpoint_dirs
+
+    found = {step: d for step, d in checkpoint_dirs(root).items() if (d / "config.json").is_file()}
     if not found:
         raise AapoError(f"--run: '{run_dir}' has no checkpoints/step-N (the run saves one at its end with "
                         f"train.save_final=true, or every train.save_every steps)")

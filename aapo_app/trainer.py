@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -24,6 +25,7 @@ from aapo_app import checkpoint as CK
 from aapo_app import metrics as M
 from aapo_app.algorithms import build_algorithm, zero_std_groups
 from aapo_app.batches import select_groups
+from aapo_app.check import check_lengths, sample_prompts
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
 from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
@@ -69,6 +71,14 @@ class Trainer:
             check_hybrid_engine()
         self.train_examples, self.eval_examples = load_examples(cfg.data, cfg.train.seed)
 
+        if not self.resume_from and cfg.output_dir and (Path(cfg.output_dir) / "metrics.jsonl").exists():
+            raise AapoError(f"--output-dir: '{cfg.output_dir}' already holds a run; choose a new directory "
+                            f"(or continue it with --resume latest)")
+        # the DeepSpeed configs' numbers against the run config, before the process group starts
+        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+        fill_ds_config(ds_policy, cfg, launched_world)
+        fill_ds_config(ds_ref, cfg, launched_world, training=False)
+
         self.rank, self.world = init_distributed()
         self.ds_policy = fill_ds_config(ds_policy, cfg, self.world)
         self.ds_ref = fill_ds_config(ds_ref, cfg, self.world, training=False)
@@ -90,6 +100,12 @@ class Trainer:
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path)
         self.chat = bool(cfg.data.use_chat_template and self.tokenizer.chat_template)
+        from transformers import AutoConfig
+
+        max_positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+        check_lengths(self.tokenizer, max_positions, sample_prompts(self.train_examples, self.eval_examples,
+                                                                    lambda p: render_prompt(self.tokenizer, p, cfg.data)),
+                      cfg, add_special_tokens=not self.chat)
         # accuracy is always measured (weight 0 when it is not a training reward), and graded held out
         weights = {"accuracy": 0.0, **cfg.rewards.weights}
         self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers,

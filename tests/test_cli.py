@@ -133,3 +133,107 @@ def test_existing_run_directory_is_not_touched(tmp_path):
     assert code == 2, (output, exc)
     assert output.strip().startswith("error: --output-dir") and "already holds a run" in output
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_bad_input_matrix_across_commands(tmp_path, tiny_model_dir, shared_dir):
+    """Bad input to every command: one line naming the field and the fix, exit 2, no traceback, and
+    the existing run directory untouched (file list, sizes and modification times)."""
+    from aapo_app.config import load_run_config
+
+    run = tmp_path / "existing_run"
+    (run / "checkpoints" / "step-2" / "deepspeed").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    good = load_run_config(None, [f"output_dir={run}"]).to_dict()
+    (run / "checkpoints" / "step-2" / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "world_size": 1, "config": good}))
+    damaged = tmp_path / "damaged_run"
+    (damaged / "checkpoints" / "step-1" / "deepspeed").mkdir(parents=True)
+    (damaged / "checkpoints" / "step-1" / "trainer_state.json").write_text("{not json")
+    bad_ds = _write(tmp_path / "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3}}))
+    bad_yaml = _write(tmp_path / "bad.yaml", "rollout: [group_size: 4\n")
+    empty = _write(tmp_path / "empty.jsonl", "")
+    nocol = _write(tmp_path / "nocol.jsonl", '{"question": "1+1?", "answer": "2"}\n')
+    before = _snapshot(run)
+    out = ["--output-dir", str(tmp_path / "new")]
+    cases = [
+        (["train", "--config", bad_yaml, *out], ["--config", "YAML"]),
+        (["train", "rollout.group_sise=4", *out], ["rollout.group_sise", "valid keys"]),
+        (["train", "train.max_steps=ten", *out], ["train.max_steps", "int"]),
+        (["train", "--config", str(tmp_path / "missing.yaml"), *out], ["--config", "no file"]),
+        (["eval", "--benchmarks", "aime24,gsm8k"], ["--benchmarks", "gsm8k"]),
+        (["train", "rewards.weights={correctness: 1.0}", *out], ["rewards.weights", "correctness"]),
+        (["train", "--ds-config", bad_ds, *out], ["train_micro_batch_size_per_gpu=3", "train.micro_batch_size"]),
+        (["train", "rollout.group_size=1", *out], ["rollout.group_size", "> 1"]),
+        (["check-config", f"model.path={tiny_model_dir}", "rollout.max_new_tokens=600"],
+         ["rollout.max_new_tokens=600", "context of 512 positions", "lower"]),
+        (["train", f"data.source={empty}", *out], ["data.source", "empty"]),
+        (["train", f"data.source={nocol}", *out], ["data.problem_column", "question"]),
+        (["train", "--resume", str(damaged)], ["trainer_state.json", "damaged"]),
+        (["train", "--resume", str(run), "rollout.group_size=8"], ["--resume", "rollout.group_size=4", "own config"]),
+        (["train", "--resume", "latest"], ["--resume latest", "--output-dir"]),
+        (["train", "--output-dir", str(run)], ["already holds a run"]),
+        (["train", "--report-to", "mlflow", *out], ["--report-to", "mlflow"]),
+        (["export", str(tmp_path / "new"), "--out", str(tmp_path / "hf")], ["RUN_DIR", "not a directory"]),
+        (["export", str(damaged), "--step", "9", "--out", str(tmp_path / "hf")], ["--step", "saved steps: 1"]),
+        (["plot", str(tmp_path), "--out", str(tmp_path / "p.png")], ["RUN_DIR", "metrics.jsonl"]),
+        (["eval", "--run", str(damaged), "--step", "3"], ["--run", "no checkpoints"]),  # none has HF weights
+        (["eval", "--n-samples", "2", "--k", "4"], ["--k 4", "--n-samples 4"]),
+        (["check-config", "--world-size", "4", "rollout.prompts_per_rank=30"], ["training prompts", "prompts_per_rank"]),
+        (["grade", "", "\\boxed{1}"], ["GOLD is empty"]),
+    ]
+    for args, words in cases:
+        code, output, exc = run_cli(args)
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        assert code == 2, (args, output, exc)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, output)
+        assert "Traceback" not in output
+        for word in words:
+            assert word in lines[0], (args, word, lines[0])
+    assert len(cases) >= 15
+    assert _snapshot(run) == before
+    assert not (tmp_path / "new" / "metrics.jsonl").exists() and not (tmp_path / "hf").exists()
+
+
+def test_plot_overlays_runs(tmp_path):
+    """Two runs' metrics.jsonl -> one PNG with every panel some run has; AAPO-only panels appear
+    because one run has them."""
+    for name, algo_keys in (("aapo-run", {"algo/clip_low_frac": 0.1, "algo/clip_high_frac": 0.2}), ("grpo-run", {})):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 0, "eval/accuracy": 0.5}] + [
+            {"step": s, "reward/mean": s / 10, "accuracy": s / 10, "loss": 1 / s, "completion_len/mean": 10 + s,
+             "algo/zero_std_group_frac": 0.25, "grad_norm": 1.0, **algo_keys} for s in range(1, 6)]
+        rows[-1]["eval/accuracy"] = 0.75
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "out" / "curves.png"
+    code, output, _ = run_cli(["plot", str(tmp_path / "aapo-run"), str(tmp_path / "grpo-run"), "--out", str(png),
+                               "--smooth", "2"])
+    assert code == 0, output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    for key in ("reward/mean", "eval/accuracy", "loss", "completion_len/mean", "algo/zero_std_group_frac",
+                "algo/clip_low_frac", "algo/clip_high_frac"):
+        assert key in output
+    assert "algo/clip_frac" not in output  # no run has it: no empty panel
+    from aapo_app.plot import smooth
+
+    assert smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]  # trailing mean of 2: (1), (1+3)/2, (3+5)/2
+
+
+def test_check_config_accepts_the_recipes_offline(shared_dir):
+    math_train = shared_dir / "datasets" / "math_train" / "math_train.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for recipe, world in (("1.5b-open-rs", 2), ("7b-simplelr", 8), ("llama-1b", 4)):
+        code, output, exc = run_cli([
+            "check-config", "--config", f"{repo}/launch/recipes/{recipe}.yaml",
+            "--ds-config", f"{repo}/ds_configs/zero3_bf16.json",
+            "--ref-ds-config", f"{repo}/ds_configs/zero3_inference_bf16.json", "--world-size", str(world),
+            "data.preset=math_train_level3to5", f"data.source={math_train}"])
+        assert code == 0, (recipe, output, exc)
+        assert output.rstrip().endswith("config OK") and f"batch: {world} rank(s)" in output
+    # a batch that does not divide the world's arithmetic is caught by the same checks
+    code, output, _ = run_cli(["check-config", "rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
+    assert code == 2 and "train.micro_batch_size=5 does not divide" in output
