@@ -114,8 +114,12 @@ class Reporter:
                 raise AapoError("train.report_to: wandb is not installed; `pip install 'aapo[wandb]'` or drop wandb") from None
             mode, why = wandb_mode()
             self.wandb_mode = mode
+            id_file = self.output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
             self.wandb_run = wandb.init(project=project, name=run_name, tags=list(tags), config=config,
-                                        dir=str(self.output_dir), mode=mode, reinit="finish_previous")
+                                        dir=str(self.output_dir), mode=mode, id=run_id, resume="allow",
+                                        reinit="finish_previous")
+            id_file.write_text(run_id)
             log(f"wandb: {mode} ({why}); run '{run_name}' in project '{project}'")
         if "tensorboard" in self.targets:
             try:

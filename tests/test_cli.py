@@ -19,6 +19,17 @@ def run_cli(args):
     return result.exit_code, result.output, result.exception
 
 
+def assert_one_line_error(args, words):
+    """Exit 2, one line starting "error: " that contains every word, no traceback."""
+    code, output, exc = run_cli(args)
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert code == 2, (args, output, exc)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, output)
+    assert "Traceback" not in output
+    for word in words:
+        assert word in lines[0], (args, word, lines[0])
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)
@@ -58,13 +69,7 @@ def bad_inputs(tmp_path):
 def test_bad_input_one_line_exit_2(tmp_path):
     runs = tmp_path / "runs"
     for args, words in bad_inputs(tmp_path):
-        code, output, exc = run_cli(["train", "--output-dir", str(runs / "x"), *args, *FAST])
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        assert code == 2, (args, output, exc)
-        assert len(lines) == 1 and lines[0].startswith("error: "), (args, output)
-        assert "Traceback" not in output
-        for word in words:
-            assert word in lines[0], (args, word, lines[0])
+        assert_one_line_error(["train", "--output-dir", str(runs / "x"), *args, *FAST], words)
     assert not (runs / "x" / "metrics.jsonl").exists()
 
 
@@ -186,13 +191,7 @@ def test_bad_input_matrix_across_commands(tmp_path, tiny_model_dir, shared_dir):
         (["grade", "", "\\boxed{1}"], ["GOLD is empty"]),
     ]
     for args, words in cases:
-        code, output, exc = run_cli(args)
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        assert code == 2, (args, output, exc)
-        assert len(lines) == 1 and lines[0].startswith("error: "), (args, output)
-        assert "Traceback" not in output
-        for word in words:
-            assert word in lines[0], (args, word, lines[0])
+        assert_one_line_error(args, words)
     assert len(cases) >= 15
     assert _snapshot(run) == before
     assert not (tmp_path / "new" / "metrics.jsonl").exists() and not (tmp_path / "hf").exists()

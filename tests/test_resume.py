@@ -163,3 +163,17 @@ def test_resume_refuses_a_changed_config_and_extends_max_steps(tiny_model_dir, t
     (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{not json")
     broken = run(command(1, train_args(tiny_model_dir, out, steps=4) + ["--resume", "latest"]), expect=2)
     assert "trainer_state.json" in broken.stderr and "damaged" in broken.stderr
+
+
+def test_a_second_signal_exits_at_once(tiny_model_dir, tmp_path):
+    """SIGTERM twice: the second one does not wait for the step or the save; the process dies of it."""
+    out = tmp_path / "twice"
+    args = train_args(tiny_model_dir, out, steps=50) + ["train.save_every=0", "rollout.max_new_tokens=64"]
+    proc = start_and_wait(command(1, args), lambda: (out / "metrics.jsonl").is_file()
+                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 2)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM  # killed by the signal itself, not a clean 143 exit
+    assert not (out / "summary.json").exists()

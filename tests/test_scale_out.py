@@ -86,7 +86,8 @@ def test_recipes_match_the_paper():
 def test_launch_wrappers_print_their_commands(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("gpu-a slots=8\ngpu-b slots=8\n")
-    env = dict(os.environ, DRY_RUN="1", MASTER_PORT="29600")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DRY_RUN="1", MASTER_PORT="29600")
 
     def printed(*args):
         out = subprocess.run(["bash", *args], env=env, capture_output=True, text=True, cwd=REPO)
