@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import secrets
 import socket
 import subprocess
 from pathlib import Path
@@ -115,7 +116,7 @@ class Reporter:
             mode, why = wandb_mode()
             self.wandb_mode = mode
             id_file = self.output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             self.wandb_run = wandb.init(project=project, name=run_name, tags=list(tags), config=config,
                                         dir=str(self.output_dir), mode=mode, id=run_id, resume="allow",
                                         reinit="finish_previous")
