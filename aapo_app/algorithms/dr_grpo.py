@@ -44,15 +44,12 @@ from torch import Tensor
 from aapo_app.algorithms import register_algorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
-    Algorithm,
     AlgorithmParams,
-    LossOutput,
     check_rewards,
-    check_token_batch,
     require_non_negative,
     require_number,
 )
-from aapo_app.algorithms.grpo import clipped_pg_kl_loss, group_advantages, zero_std_groups
+from aapo_app.algorithms.grpo import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm, group_advantages, zero_std_groups
 from aapo_app.errors import AapoError
 
 
@@ -90,30 +87,19 @@ class DrGRPOParams(AlgorithmParams):
 
 
 @register_algorithm
-class DrGRPO(Algorithm):
+class DrGRPO(ClippedPGKLAlgorithm):
     """Dr. GRPO: mean-centred group advantages, PPO-clipped ratio, token sum over a constant."""
 
     name = "dr_grpo"
     Params = DrGRPOParams
     uses_reference_samples = False
     metrics = {
-        "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-        "loss": "the micro-batch loss that was back-propagated",
+        **CLIPPED_PG_METRICS,
         "pg_loss": "the PPO clipped-surrogate part of the loss (token sum / max_completion_length, batch mean), without the KL term",
-        "kl_mean": "mean k3 KL(π_θ ‖ π_ref) over counted tokens (logged when reference log-probs are given)",
-        "clip_frac": "fraction of counted tokens where the clipped PPO term is active (no gradient)",
-        "num_tokens": "number of counted completion tokens in the micro-batch",
     }
 
+    label = "Dr. GRPO"
     params: DrGRPOParams
-
-    @property
-    def uses_reference_logprobs(self) -> bool:
-        return self.params.beta > 0
-
-    @property
-    def uses_old_logprobs(self) -> bool:
-        return True
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         rewards = check_rewards(rewards)
@@ -121,18 +107,5 @@ class DrGRPO(Algorithm):
         diagnostics = {"zero_std_group_frac": float(zero_std_groups(rewards).float().mean())}
         return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
 
-    def loss(
-        self,
-        logprobs: Tensor,
-        mask: Tensor,
-        advantages: Tensor,
-        old_logprobs: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
-    ) -> LossOutput:
-        check_token_batch(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-        constant = float(check_max_completion_length(max_completion_length, mask))
-        if self.params.beta > 0 and ref_logprobs is None:
-            raise ValueError("Dr. GRPO with beta > 0 needs ref_logprobs")
-        return clipped_pg_kl_loss(logprobs, mask, advantages, old_logprobs, ref_logprobs,
-                                  self.params.epsilon, self.params.beta, "constant", constant=constant)
+    def aggregation(self, mask: Tensor, max_completion_length: int | None) -> tuple[str, float | None]:
+        return "constant", float(check_max_completion_length(max_completion_length, mask))

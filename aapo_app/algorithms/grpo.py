@@ -174,23 +174,21 @@ class GRPOParams(AlgorithmParams):
             raise AapoError(f"algorithm.num_iterations must be an integer >= 1 (got {mu!r})")
 
 
-@register_algorithm
-class GRPO(Algorithm):
-    """GRPO: std-normalised group advantages, PPO-clipped ratio, per-sequence mean, k3 KL."""
+CLIPPED_PG_METRICS = {
+    "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
+    "loss": "the micro-batch loss that was back-propagated",
+    "kl_mean": "mean k3 KL(π_θ ‖ π_ref) over counted tokens (logged when reference log-probs are given)",
+    "clip_frac": "fraction of counted tokens where the clipped PPO term is active (no gradient)",
+    "num_tokens": "number of counted completion tokens in the micro-batch",
+}
 
-    name = "grpo"
-    Params = GRPOParams
-    uses_reference_samples = False
-    metrics = {
-        "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-        "loss": "the micro-batch loss that was back-propagated",
-        "pg_loss": "the PPO clipped-surrogate part of the loss (seq_mean), without the KL term",
-        "kl_mean": "mean k3 KL(π_θ ‖ π_ref) over counted tokens (logged when reference log-probs are given)",
-        "clip_frac": "fraction of counted tokens where the clipped PPO term is active (no gradient)",
-        "num_tokens": "number of counted completion tokens in the micro-batch",
-    }
 
-    params: GRPOParams
+class ClippedPGKLAlgorithm(Algorithm):
+    """What GRPO and Dr. GRPO share: the PPO-clipped ratio to the rollout's log-probs plus an
+    optional β·k3 KL to the reference (:func:`clipped_pg_kl_loss`). A subclass names itself in
+    ``label`` and chooses how the per-token loss is aggregated (:meth:`aggregation`)."""
+
+    label = ""
 
     @property
     def uses_reference_logprobs(self) -> bool:
@@ -200,15 +198,9 @@ class GRPO(Algorithm):
     def uses_old_logprobs(self) -> bool:
         return True
 
-    @property
-    def updates_per_rollout(self) -> int:
-        return self.params.num_iterations
-
-    def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
-        rewards = check_rewards(rewards)
-        advantages = group_advantages(rewards, eps=self.params.eps, scale_by_std=True)  # [P, G]
-        diagnostics = {"zero_std_group_frac": float(zero_std_groups(rewards).float().mean())}
-        return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
+    def aggregation(self, mask: Tensor, max_completion_length: int | None) -> tuple[str, float | None]:
+        """``(mode, constant)`` for :func:`aggregate_loss`."""
+        raise NotImplementedError
 
     def loss(
         self,
@@ -220,7 +212,37 @@ class GRPO(Algorithm):
         max_completion_length: int | None = None,
     ) -> LossOutput:
         check_token_batch(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+        mode, constant = self.aggregation(mask, max_completion_length)
         if self.params.beta > 0 and ref_logprobs is None:
-            raise ValueError("GRPO with beta > 0 needs ref_logprobs")
+            raise ValueError(f"{self.label} with beta > 0 needs ref_logprobs")
         return clipped_pg_kl_loss(logprobs, mask, advantages, old_logprobs, ref_logprobs,
-                                  self.params.epsilon, self.params.beta, "seq_mean")
+                                  self.params.epsilon, self.params.beta, mode, constant=constant)
+
+
+@register_algorithm
+class GRPO(ClippedPGKLAlgorithm):
+    """GRPO: std-normalised group advantages, PPO-clipped ratio, per-sequence mean, k3 KL."""
+
+    name = "grpo"
+    Params = GRPOParams
+    uses_reference_samples = False
+    metrics = {
+        **CLIPPED_PG_METRICS,
+        "pg_loss": "the PPO clipped-surrogate part of the loss (seq_mean), without the KL term",
+    }
+
+    label = "GRPO"
+    params: GRPOParams
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.params.num_iterations
+
+    def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
+        rewards = check_rewards(rewards)
+        advantages = group_advantages(rewards, eps=self.params.eps, scale_by_std=True)  # [P, G]
+        diagnostics = {"zero_std_group_frac": float(zero_std_groups(rewards).float().mean())}
+        return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
+
+    def aggregation(self, mask: Tensor, max_completion_length: int | None) -> tuple[str, float | None]:
+        return "seq_mean", None
