@@ -38,6 +38,32 @@ def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
     return found
 
 
+def saved_checkpoints(run_dir: str, option: str, require: str | None = None) -> dict[int, Path]:
+    """A run's complete checkpoints (those holding the file ``require``, if given), or the
+    one-line error for ``option`` when the directory or its checkpoints are missing."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise AapoError(f"{option}: '{run_dir}' is not a directory; give a training run directory")
+    found = {s: d for s, d in checkpoint_dirs(root).items() if require is None or (d / require).is_file()}
+    if not found:
+        raise AapoError(f"{option}: '{run_dir}' has no checkpoints/step-N (the run saves one at its end with "
+                        f"train.save_final=true, or every train.save_every steps)")
+    return found
+
+
+def select_steps(found: dict[int, Path], step: str | None, run_dir: str, allow_all: bool = False) -> list[int]:
+    """``latest`` (or None), ``all`` (when allowed) or one step number among ``found``."""
+    if step is None or step == "latest":
+        return [max(found)]
+    if allow_all and step == "all":
+        return sorted(found)
+    if not str(step).isdigit() or int(step) not in found:
+        choices = "latest / all" if allow_all else "latest"
+        raise AapoError(f"--step: no checkpoint step-{step} in '{run_dir}'; saved steps: "
+                        f"{', '.join(map(str, sorted(found)))} (or use {choices})")
+    return [int(step)]
+
+
 def resumable(step_dir: Path) -> bool:
     return (step_dir / STATE_FILE).is_file() and (step_dir / "deepspeed").is_dir()
 
@@ -93,12 +119,10 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns what was deleted."""
     if keep <= 0:
         return []
-    steps = sorted(checkpoint_dirs(run_dir))
-    gone = []
-    for step in steps[:-keep]:
-        path = checkpoint_dirs(run_dir)[step]
+    found = checkpoint_dirs(run_dir)
+    gone = [found[step] for step in sorted(found)[:-keep]]
+    for path in gone:
         shutil.rmtree(path, ignore_errors=True)
-        gone.append(path)
     return gone
 
 

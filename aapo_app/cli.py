@@ -261,17 +261,8 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
         E.ModelSpec(Path(m.rstrip("/")).name or m, m) for m in (models or (EMBEDDED_DEFAULT,))]
     for spec in specs:
         resolve_model_path(spec.path, convert=False)
-    if data_dir is not None:
-        for name in names:
-            load_benchmark(name, data_dir, settings.limit)
     if settings.backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA machine, "
-                            "or use --backend hf")
-        if not torch.cuda.is_available():
-            raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+        E.check_vllm()
     default_ds = DEFAULT_EVAL_CONFIG_GPU if torch.cuda.is_available() else DEFAULT_REFERENCE_CONFIG
     ds = read_ds_config(ds_config, default_ds)
 
@@ -282,6 +273,7 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
     if not resume and output_dir is not None and (Path(output_dir) / "partial").is_dir():
         raise AapoError(f"--output-dir: '{output_dir}' holds an interrupted evaluation; add --resume to continue "
                         f"it or choose a new directory")
+    problems = {name: load_benchmark(name, data_dir, settings.limit) for name in names}  # read once, for every model
 
     rank, world = init_distributed()
     ds = fill_inference_ds_config(ds, world)
@@ -303,7 +295,7 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
     start = time.perf_counter()
     results, records = {}, []
     for spec in specs:
-        rows = E.evaluate_model(spec, names, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
+        rows = E.evaluate_model(spec, problems, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
                                 log=lambda m: click.echo(m, err=True), journal_dir=out / "partial", resume=resume)
         if rank == 0:
             results[spec.label] = E.summarize(rows, names, settings.k)

@@ -39,6 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_world_size() -> int:
+    """The world :func:`init_distributed` joins: the launcher's WORLD_SIZE, else 1 (known before it runs)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 1
+    return int(os.environ["WORLD_SIZE"])
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher (deepspeed/torchrun) set up, or make a 1-rank one."""
     import deepspeed

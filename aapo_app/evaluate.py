@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from aapo_app.benchmarks import BENCHMARKS, load_benchmark
+from aapo_app.benchmarks import BENCHMARKS, Problem
 from aapo_app.errors import AapoError
 
 QWEN_EVAL_PROMPT = (
@@ -157,7 +157,35 @@ def render_eval_prompt(tokenizer, problem: str, s: EvalSettings) -> tuple[str, b
 # --------------------------------------------------------------------------- generation backends
 
 
-class HFBackend:
+def check_vllm() -> None:
+    """A one-line error unless vLLM can run here (installed, and a CUDA GPU)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA machine, "
+                        "or use --backend hf")
+    if not torch.cuda.is_available():
+        raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+
+
+class Backend:
+    """What both backends share: prompt lengths in tokens and a session around a rank's batches."""
+
+    tokenizer = None
+    max_positions: int | None = None
+
+    def session(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+class HFBackend(Backend):
     """Sampling on a ZeRO-3 inference engine's generation mode (the training rollout's code path)."""
 
     def __init__(self, model_path: str, ds_config: dict, tokenizer):
@@ -170,7 +198,6 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, self.model.module)
         self.max_positions = getattr(self.model.module.config, "max_position_embeddings", None)
-        self._gen = None
 
     def session(self):
         """Gather the weights once for all of a rank's batches (collective on entry and exit)."""
@@ -189,28 +216,15 @@ class HFBackend:
         return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
                 for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
 
-    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def close(self) -> None:
-        pass
-
-
-class VLLMBackend:
+class VLLMBackend(Backend):
     """vLLM's offline engine on this rank's GPU; one request per problem with its own seed, so the
     samples do not depend on how requests are batched."""
 
     def __init__(self, model_path: str, tokenizer, seed: int, dtype: str = "auto"):
-        try:
-            import vllm
-        except ImportError:
-            raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA "
-                            "machine, or use --backend hf") from None
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+        check_vllm()
         import torch.distributed as dist
+        import vllm
 
         self.vllm = vllm
         self.tokenizer = tokenizer
@@ -225,11 +239,6 @@ class VLLMBackend:
             self.max_positions = self.llm.llm_engine.model_config.max_model_len
         except AttributeError:
             self.max_positions = None
-
-    def session(self):
-        import contextlib
-
-        return contextlib.nullcontext(None)
 
     def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
                  max_new_tokens: int) -> list[dict]:
@@ -252,12 +261,6 @@ class VLLMBackend:
                 records.append({"completion": c.text, "tokens": len(c.token_ids), "truncated": truncated})
         return records
 
-    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def close(self) -> None:
-        pass
-
 
 # --------------------------------------------------------------------------- the run
 
@@ -273,24 +276,11 @@ class ModelSpec:
 
 def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
     """The saved checkpoints of a training run: ``latest``, ``all``, or one step number."""
-    root = Path(run_dir).expanduser()
-    if not root.is_dir():
-        raise AapoError(f"--run: '{run_dir}' is not a directory; give a training run directory")
-    from aapo_app.checkpoint import checkpoint_dirs
+    from aapo_app.checkpoint import saved_checkpoints, select_steps
 
-    found = {step: d for step, d in checkpoint_dirs(root).items() if (d / "config.json").is_file()}
-    if not found:
-        raise AapoError(f"--run: '{run_dir}' has no checkpoints/step-N (the run saves one at its end with "
-                        f"train.save_final=true, or every train.save_every steps)")
-    if step == "latest":
-        steps = [max(found)]
-    elif step == "all":
-        steps = sorted(found)
-    else:
-        if not str(step).isdigit() or int(step) not in found:
-            raise AapoError(f"--step: no checkpoint step-{step} in '{run_dir}'; saved steps: "
-                            f"{', '.join(map(str, sorted(found)))} (or use latest / all)")
-        steps = [int(step)]
+    found = saved_checkpoints(run_dir, "--run", require="config.json")  # the gathered HF weights
+    steps = select_steps(found, step, run_dir, allow_all=True)
+    root = Path(run_dir).expanduser()
     name = root.resolve().name
     return [ModelSpec(f"{name}@step-{s}", str(found[s]), {"run": str(root), "step": s}) for s in steps]
 
@@ -353,10 +343,11 @@ class BatchJournal:
             os.fsync(f.fileno())
 
 
-def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, data_dir: str | None,
+def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalSettings, *, data_dir: str | None,
                    ds_config: dict, rank: int, world: int, log=print, journal_dir: Path | None = None,
                    resume: bool = False) -> list[dict]:
-    """All benchmarks for one model; returns the per-sample records (complete on rank 0 only).
+    """All benchmarks of ``problems`` (name -> problems, in order) for one model; returns the
+    per-sample records (complete on rank 0 only). ``data_dir`` only identifies the data in the journal.
 
     With ``journal_dir`` every finished batch is journaled there; with ``resume`` batches already in
     the journal are taken from it instead of being sampled again."""
@@ -371,7 +362,7 @@ def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, d
     barrier()
     path = resolve_model_path(spec.path) if rank else path
     tokenizer = load_tokenizer(path)
-    problems = {name: load_benchmark(name, data_dir, s.limit) for name in benchmarks}
+    benchmarks = list(problems)
     batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark
     for name in benchmarks:
         items = problems[name]
@@ -386,44 +377,40 @@ def evaluate_model(spec: ModelSpec, benchmarks: list[str], s: EvalSettings, *, d
         log(f"resuming: {len(done)} of {len(batches)} batches already sampled for {spec.label}")
     backend = (VLLMBackend(path, tokenizer, s.seed) if s.backend == "vllm"
                else HFBackend(path, ds_config, tokenizer))
-    all_records: list[dict] = []
-    try:
-        bar = tqdm(total=sum(len(p) for _, _, p in todo), desc=f"aapo eval [{spec.label}]", unit="problem",
-                   disable=rank != 0, file=sys.stderr, dynamic_ncols=True)
-        capped = False
-        with backend.session() as gen:
-            for name, b, items in todo:
-                rendered = [render_eval_prompt(tokenizer, p.problem, s) for p in items]
-                prompts, add_special = [r[0] for r in rendered], rendered[0][1]
-                max_new = s.max_new_tokens
-                if backend.max_positions:
-                    room = backend.max_positions - max(backend.prompt_tokens(p, add_special) for p in prompts)
-                    if room < max_new:
-                        max_new, capped = max(1, room), True
-                outs = backend.generate(gen, prompts, add_special, s, stream_seed(s.seed, name, b), max_new)
-                batch_records = [
-                    {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
-                     "prompt": prompts[i], "completion": outs[i * s.n_samples + j]["completion"],
-                     "tokens": outs[i * s.n_samples + j]["tokens"],
-                     "truncated": outs[i * s.n_samples + j]["truncated"], "gold": p.gold, "max_new_tokens": max_new}
-                    for i, p in enumerate(items) for j in range(s.n_samples)]
-                if journal is not None:
-                    journal.append(name, b, batch_records)
-                records += batch_records
-                bar.update(len(items))
-        bar.close()
-        if capped and rank == 0:
-            log(f"note: max new tokens capped to the model's context ({backend.max_positions} positions)")
-        _grade(records, s)
-        gathered = _gather_records(records, rank, world)
-        if rank == 0:
-            order = {name: i for i, name in enumerate(benchmarks)}
-            index = {(name, p.id): i for name in benchmarks for i, p in enumerate(problems[name])}
-            gathered.sort(key=lambda r: (order[r["benchmark"]], index[(r["benchmark"], r["problem_id"])], r["sample"]))
-            all_records = gathered
-    finally:
-        backend.close()
-    return all_records
+    bar = tqdm(total=sum(len(p) for _, _, p in todo), desc=f"aapo eval [{spec.label}]", unit="problem",
+               disable=rank != 0, file=sys.stderr, dynamic_ncols=True)
+    capped = False
+    with backend.session() as gen:
+        for name, b, items in todo:
+            rendered = [render_eval_prompt(tokenizer, p.problem, s) for p in items]
+            prompts, add_special = [r[0] for r in rendered], rendered[0][1]
+            max_new = s.max_new_tokens
+            if backend.max_positions:
+                room = backend.max_positions - max(backend.prompt_tokens(p, add_special) for p in prompts)
+                if room < max_new:
+                    max_new, capped = max(1, room), True
+            outs = backend.generate(gen, prompts, add_special, s, stream_seed(s.seed, name, b), max_new)
+            batch_records = [
+                {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
+                 "prompt": prompts[i], "completion": outs[i * s.n_samples + j]["completion"],
+                 "tokens": outs[i * s.n_samples + j]["tokens"],
+                 "truncated": outs[i * s.n_samples + j]["truncated"], "gold": p.gold, "max_new_tokens": max_new}
+                for i, p in enumerate(items) for j in range(s.n_samples)]
+            if journal is not None:
+                journal.append(name, b, batch_records)
+            records += batch_records
+            bar.update(len(items))
+    bar.close()
+    if capped and rank == 0:
+        log(f"note: max new tokens capped to the model's context ({backend.max_positions} positions)")
+    _grade(records, s)
+    gathered = _gather_records(records, rank, world)
+    if rank != 0:
+        return []
+    order = {name: i for i, name in enumerate(benchmarks)}
+    index = {(name, p.id): i for name in benchmarks for i, p in enumerate(problems[name])}
+    gathered.sort(key=lambda r: (order[r["benchmark"]], index[(r["benchmark"], r["problem_id"])], r["sample"]))
+    return gathered
 
 
 def summarize(records: list[dict], benchmarks: list[str], ks: tuple[int, ...]) -> dict:

@@ -17,26 +17,15 @@ from pathlib import Path
 
 import torch
 
-from aapo_app.checkpoint import checkpoint_dirs
+from aapo_app.checkpoint import saved_checkpoints, select_steps
 from aapo_app.errors import AapoError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def find_checkpoint(run_dir: str, step: str | None) -> Path:
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise AapoError(f"RUN_DIR: '{run_dir}' is not a directory; give a training run directory")
-    found = checkpoint_dirs(root)
-    if not found:
-        raise AapoError(f"RUN_DIR: '{run_dir}' has no checkpoints/step-N; train with train.save_every or "
-                        f"train.save_final=true")
-    if step is None or step == "latest":
-        return found[max(found)]
-    if not str(step).isdigit() or int(step) not in found:
-        raise AapoError(f"--step: no checkpoint step-{step} in '{run_dir}'; saved steps: "
-                        f"{', '.join(map(str, sorted(found)))}")
-    return found[int(step)]
+    found = saved_checkpoints(run_dir, "RUN_DIR")
+    return found[select_steps(found, step, run_dir)[0]]
 
 
 def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto") -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -29,7 +28,8 @@ from aapo_app.check import check_lengths, sample_prompts
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
 from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-from aapo_app.engine import ZeroModel, check_hybrid_engine, all_reduce_sum, barrier, broadcast_object, init_distributed
+from aapo_app.engine import (ZeroModel, all_reduce_sum, barrier, broadcast_object, check_hybrid_engine,
+                             init_distributed, launched_world_size)
 from aapo_app.errors import AapoError
 from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
@@ -75,13 +75,11 @@ class Trainer:
             raise AapoError(f"--output-dir: '{cfg.output_dir}' already holds a run; choose a new directory "
                             f"(or continue it with --resume latest)")
         # the DeepSpeed configs' numbers against the run config, before the process group starts
-        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-        fill_ds_config(ds_policy, cfg, launched_world)
-        fill_ds_config(ds_ref, cfg, launched_world, training=False)
+        launched_world = launched_world_size()
+        self.ds_policy = fill_ds_config(ds_policy, cfg, launched_world)
+        self.ds_ref = fill_ds_config(ds_ref, cfg, launched_world, training=False)
 
         self.rank, self.world = init_distributed()
-        self.ds_policy = fill_ds_config(ds_policy, cfg, self.world)
-        self.ds_ref = fill_ds_config(ds_ref, cfg, self.world, training=False)
         self.sampler = PromptSampler(self.train_examples, cfg.rollout.prompts_per_rank, self.rank, self.world,
                                      cfg.train.seed)
         random.seed(cfg.train.seed)
