@@ -25,6 +25,20 @@ def tiny_overrides(model_dir, out_dir, *extra):
     ]
 
 
+def train_run(cfg) -> Trainer:
+    """Build a Trainer, train it to the end and close it; returns it for its state and output dir."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def last_metrics(trainer) -> dict:
+    return json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def full_params(zero_model) -> dict[str, torch.Tensor]:
     """Unpartitioned copies of every parameter of a ZeRO-3 model."""
     params = dict(zero_model.module.named_parameters())
@@ -148,7 +162,7 @@ def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
     # only a KL term (beta > 0) needs the reference; none of these samples it
     assert (trainer.reference is not None) == ("algorithm.beta=0.04" in extra)
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = last_metrics(trainer)
     assert "ref_reward/mean" not in last
 
 
@@ -216,12 +230,8 @@ def test_dapo_dynamic_sampling_refills_flat_groups(tiny_model_dir, tmp_path, wei
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "dapo", "algorithm.name=dapo",
                                                "algorithm.max_resample_tries=2", "train.max_steps=1",
                                                f"rewards.weights={weights}"))
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    trainer = train_run(cfg)
+    last = last_metrics(trainer)
     assert last["resample_rounds"] == rounds
     assert trainer.sampler.step == 1 + rounds  # each round drew the next prompts of the sampler
     groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
@@ -255,13 +265,9 @@ def test_grpo_several_updates_per_rollout(tiny_model_dir, tmp_path):
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "grpo2", "algorithm.name=grpo",
                                                "algorithm.beta=0.0", "algorithm.num_iterations=2",
                                                "train.max_steps=1", "train.learning_rate=2e-2"))
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    trainer = train_run(cfg)
     assert trainer.policy.engine.global_steps == 2
-    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = last_metrics(trainer)
     # pass 1 has ratio exactly 1 (nothing clipped); a large step makes pass 2's ratios leave [0.8, 1.2]
     assert 0.0 < last["algo/clip_frac"] < 1.0
 
@@ -270,12 +276,8 @@ def test_gpg_regeneration(tiny_model_dir, tmp_path):
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "gpg", "algorithm.name=gpg",
                                                "algorithm.regenerate=true", "algorithm.max_regenerate_tries=1",
                                                "train.max_steps=1", "rewards.weights={boxed_format: 1.0}"))
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    last = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    trainer = train_run(cfg)
+    last = last_metrics(trainer)
     assert last["resample_rounds"] == 1 and last["algo/alpha"] == 0.0  # all flat on a random model
 
 
@@ -373,11 +375,7 @@ def test_wandb_offline_tensorboard_and_sample_tables(tiny_model_dir, tmp_path, m
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, out, "train.report_to=[wandb, tensorboard]",
                                                "train.log_samples_every=2", "train.tags=[test]",
                                                "train.save_final=false"))
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    train_run(cfg)
     err = capsys.readouterr().err
     assert "wandb: offline (no wandb API key" in err and "upload it with: wandb sync" in err
     assert list((out / "wandb").glob("offline-run-*"))

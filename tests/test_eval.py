@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import free_port, run
 
 from aapo_app.cli import main
 from aapo_app.evaluate import benchmark_scores, markdown_table, pass_at_k, run_checkpoints, summarize
@@ -18,22 +17,6 @@ from aapo_app.errors import AapoError
 def run_cli(args, input=None):
     result = CliRunner().invoke(main, args, input=input, catch_exceptions=True)
     return result.exit_code, result.output
-
-
-def run(cmd, cwd=None):
-    # no process-group variables from an in-process engine of this test session: the child makes its own
-    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, cwd=cwd)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -205,7 +188,8 @@ def test_end_to_end_real_smollm2_every_benchmark(tmp_path, shared_dir, smollm2_d
     """The real SmolLM2-135M on the first 2 problems of each of the five real benchmark files."""
     out = tmp_path / "eval"
     proc = run([sys.executable, "-m", "aapo_app", "eval", "--benchmarks", "all", "--data-dir",
-                str(shared_dir / "benchmarks"), "--limit", "2", "--max-new-tokens", "48", "--output-dir", str(out)])
+                str(shared_dir / "benchmarks"), "--limit", "2", "--max-new-tokens", "48", "--output-dir", str(out)],
+               timeout=1200)
     assert "| Model | AIME24 | MATH-500 | AMC23 | Minerva | OlympiadBench | Avg. |" in proc.stdout
     assert "ETA" in proc.stderr or "<" in proc.stderr  # tqdm's remaining-time field
     payload, samples = check_results(out, ["aime24", "math500", "amc23", "minerva", "olympiadbench"], (1,), 1, 2)
@@ -222,10 +206,10 @@ def test_two_ranks_give_the_one_rank_samples(tiny_model_dir, tmp_path, shared_di
     args = ["eval", "--model", str(tiny_model_dir), "--benchmarks", "aime24,amc23", "--data-dir",
             str(shared_dir / "benchmarks"), "--limit", "3", "--batch-size", "2", "--n-samples", "2", "--k", "1,2",
             "--max-new-tokens", "6", "--protocol", "simplerl", "--seed", "7"]
-    run([sys.executable, "-m", "aapo_app", *args, "--output-dir", str(tmp_path / "one")])
+    run([sys.executable, "-m", "aapo_app", *args, "--output-dir", str(tmp_path / "one")], timeout=1200)
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "aapo_app", *args,
-         "--output-dir", str(tmp_path / "two")])
+         "--output-dir", str(tmp_path / "two")], timeout=1200)
     one, s1 = check_results(tmp_path / "one", ["aime24", "amc23"], (1, 2), 2, 3)
     two, s2 = check_results(tmp_path / "two", ["aime24", "amc23"], (1, 2), 2, 3)
     assert one["results"] == two["results"]
@@ -273,7 +257,7 @@ def test_eval_of_a_training_runs_checkpoints(tiny_model_dir, tmp_path, shared_di
     out = tmp_path / "eval"
     run([sys.executable, "-m", "aapo_app", "eval", "--run", str(run_dir), "--step", "all", "--benchmarks", "amc23",
          "--data-dir", str(shared_dir / "benchmarks"), "--limit", "2", "--max-new-tokens", "4", "--greedy",
-         "--output-dir", str(out)])
+         "--output-dir", str(out)], timeout=1200)
     payload, _ = check_results(out, ["amc23"], (1,), 1, 2)
     assert list(payload["results"]) == ["run@step-1", "run@step-2"]
     assert [m["step"] for m in payload["models"]] == [1, 2]

@@ -3,20 +3,14 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import defaultdict
 
 import pytest
+from helpers import REPO, free_port, run, subprocess_env
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(model_dir, out):
@@ -24,13 +18,6 @@ def train_args(model_dir, out):
             "rollout.group_size=4", "rollout.prompts_per_rank=2", "rollout.max_new_tokens=6",
             "train.micro_batch_size=4", "data.eval_size=6", "train.eval_max_new_tokens=6",
             "rewards.num_workers=1", "train.learning_rate=1e-3"]
-
-
-def run(cmd):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
 
 
 def check_data_parallel_run(out):
@@ -112,27 +99,21 @@ def test_two_nodes_on_localhost_match_one_node(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     # a reward that varies on the random model (tests/plugin_rewards.py), so the parameters move
     extra = ["rewards.plugins=[plugin_rewards]", "rewards.weights={test_char_length: 1.0}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
-               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-               PYTHONPATH=os.pathsep.join([os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]))
-    nodes = [subprocess.Popen(["bash", os.path.join(repo, "launch", "node_rank.sh"), str(hostfile), str(rank),
+    env = subprocess_env(MASTER_PORT=str(free_port()))
+    nodes = [subprocess.Popen(["bash", str(REPO / "launch" / "node_rank.sh"), str(hostfile), str(rank),
                                "127.0.0.1", *train_args(tiny_model_dir, tmp_path / "nodes"), *extra],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=900) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, (out[-2000:], err[-3000:])
     assert "--no_ssh --node_rank 0" in outputs[0][0] and "--no_ssh --node_rank 1" in outputs[1][0]  # printed
-    env["MASTER_PORT"] = str(free_port())
-    single = subprocess.run(["bash", os.path.join(repo, "launch", "single_node.sh"), "2",
-                             *train_args(tiny_model_dir, tmp_path / "single"), *extra],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run(["bash", REPO / "launch" / "single_node.sh", "2", *train_args(tiny_model_dir, tmp_path / "single"), *extra],
+        MASTER_PORT=str(free_port()))
     check_data_parallel_run(tmp_path / "nodes")
     a = load_file(tmp_path / "nodes" / "checkpoints" / "step-2" / "model.safetensors")
     b = load_file(tmp_path / "single" / "checkpoints" / "step-2" / "model.safetensors")

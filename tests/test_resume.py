@@ -5,23 +5,13 @@ counted; a failed save leaves the previous checkpoint; resume refuses a changed 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from helpers import REPO, free_port, run, subprocess_env
 
 def train_args(model_dir, out, steps=4):
     # a reward that varies on the random model (tests/plugin_rewards.py), so every step moves the weights
@@ -39,27 +29,13 @@ def command(world, args):
             str(free_port()), "-m", "aapo_app", *args]
 
 
-def env():
-    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    e = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-             PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    return e
-
-
-def run(cmd, expect=0):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900, cwd=REPO)
-    assert proc.returncode == expect, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
-
-
 def metrics(out):
     return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())}
 
 
 def start_and_wait(cmd, ready, timeout=600):
     """Start ``cmd`` in its own process group and wait until ``ready()`` is true."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO,
                             start_new_session=True)
     deadline = time.time() + timeout
     while not ready():
