@@ -107,10 +107,10 @@ def _local_model_dir(spec: str) -> str | None:
     """A directory with the model's config and tokenizer on this machine, without downloading."""
     from pathlib import Path
 
-    from aapo_app.models import EMBEDDED_DEFAULT, cache_dir
+    from aapo_app.models import EMBEDDED_DEFAULT, embedded_cache_path
 
     if spec in ("", EMBEDDED_DEFAULT):
-        path = cache_dir() / "smollm2-135m-instruct-fp32"
+        path = embedded_cache_path()
         return str(path) if (path / "config.json").is_file() else None
     path = Path(spec).expanduser()
     if path.is_dir():

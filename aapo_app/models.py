@@ -79,9 +79,14 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def embedded_cache_path() -> Path:
+    """Where the converted embedded default lives (it may not exist yet)."""
+    return cache_dir() / "smollm2-135m-instruct-fp32"
+
+
 def embedded_default_model_dir() -> Path:
     """The fp32 HF directory of the embedded SmolLM2-135M-Instruct, converted on first use."""
-    return convert_gguf(_smollm2_gguf(), cache_dir() / "smollm2-135m-instruct-fp32")
+    return convert_gguf(_smollm2_gguf(), embedded_cache_path())
 
 
 def resolve_model_path(spec: str, convert: bool = True) -> str:
