@@ -207,6 +207,8 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--seed", type=int, default=None, help="Sampling seed (default 0).")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf",
               help="hf: the engine's generation mode (CPU or GPU); vllm: vLLM on each rank's GPU.")
+@click.option("--sampler", type=click.Choice(["aapo", "hf"]), default="aapo",
+              help="With --backend hf: aapo's decoding loop (faster, same distribution) or transformers' generate.")
 @click.option("--ds-config", type=click.Path(dir_okay=False), default=None,
               help="DeepSpeed inference config for --backend hf (default ds_configs/zero3_inference_cpu.json, "
                    "zero3_inference_bf16.json on CUDA).")
@@ -218,14 +220,14 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
 def eval_command(models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
                  max_new_tokens, system_prompt, prompt_template, no_chat_template, n_samples, k_text, limit,
-                 batch_size, seed, backend, ds_config, output_dir, verify_timeout, resume, local_rank):
+                 batch_size, seed, backend, sampler, ds_config, output_dir, verify_timeout, resume, local_rank):
     """Evaluate models on the paper's math benchmarks: pass@1 / pass@k, a markdown table, results.json
     and every sample in samples.jsonl. Run under the deepspeed launcher to shard problems over ranks."""
     try:
         _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, dict(
             temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, max_new_tokens=max_new_tokens,
             system_prompt=system_prompt, prompt_template=prompt_template, n_samples=n_samples, limit=limit,
-            batch_size=batch_size, seed=seed, backend=backend, verify_timeout_s=verify_timeout,
+            batch_size=batch_size, seed=seed, backend=backend, sampler=sampler, verify_timeout_s=verify_timeout,
             use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir, resume)
     except AapoError as exc:
         _fail(str(exc))

@@ -52,6 +52,12 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     generation_batch_size: int = _f(0, "sequences per generate call (0 = all of a rank's prompts x G at once)")
+    sampler: str = _f(
+        "aapo",
+        "'aapo': aapo's decoding loop (one prefill per prompt, preallocated KV cache, finished sequences "
+        "dropped; the same distribution as generate, faster: README 'Speed'); 'hf': transformers' generate. "
+        "gather=layerwise and the DeepSpeed hybrid engine always use generate",
+    )
     gather: str = _f(
         "full",
         "'full': gather all ZeRO-3 partitions once and generate on a plain copy sharing them (fast); "
@@ -75,6 +81,8 @@ class RolloutConfig:
             raise AapoError(f"rollout.top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.generation_batch_size < 0:
             raise AapoError("rollout.top_k and rollout.generation_batch_size must be >= 0")
+        if self.sampler not in ("aapo", "hf"):
+            raise AapoError(f"rollout.sampler must be 'aapo' or 'hf' (got '{self.sampler}')")
         if self.gather not in ("full", "layerwise"):
             raise AapoError(f"rollout.gather must be 'full' or 'layerwise' (got '{self.gather}')")
 

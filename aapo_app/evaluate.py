@@ -52,6 +52,7 @@ class EvalSettings:
     batch_size: int = 8  # problems per generation batch (x n_samples rows)
     limit: int | None = None
     backend: str = "hf"
+    sampler: str = "aapo"  # --backend hf: aapo's decoding loop or transformers' generate
     verify_timeout_s: float = 10.0
     grader_workers: int | None = None
 
@@ -205,14 +206,19 @@ class HFBackend(Backend):
 
     def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
                  max_new_tokens: int) -> list[dict]:
-        from aapo_app.rollout import encode_prompts, generate_in_mode, generation_kwargs
+        from aapo_app.rollout import decode_in_mode, encode_prompts, generate_in_mode, generation_kwargs
 
         ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
-        ids, mask = ids.repeat_interleave(s.n_samples, 0), mask.repeat_interleave(s.n_samples, 0)
-        kwargs = generation_kwargs(self.tokenizer, max_new_tokens=max_new_tokens, temperature=s.temperature,
-                                   top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids)
-        out = generate_in_mode(gen, self.tokenizer, ids, mask, seed=seed, chunk=0, kwargs=kwargs,
-                               eos_ids=self.eos_ids)
+        if s.sampler == "aapo":
+            out = decode_in_mode(gen, self.tokenizer, ids, mask, num_samples=s.n_samples, max_new_tokens=max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, chunk=0,
+                                 eos_ids=self.eos_ids)
+        else:
+            kwargs = generation_kwargs(self.tokenizer, max_new_tokens=max_new_tokens, temperature=s.temperature,
+                                       top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids)
+            out = generate_in_mode(gen, self.tokenizer, ids.repeat_interleave(s.n_samples, 0),
+                                   mask.repeat_interleave(s.n_samples, 0), seed=seed, chunk=0, kwargs=kwargs,
+                                   eos_ids=self.eos_ids)
         return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
                 for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
 

@@ -75,14 +75,33 @@ def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float | No
     if temperature is None:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+        # top_k=0 switches top-k off; None would let generate fill in its global default of 50
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     return kwargs
+
+
+def _non_finite(exc: Exception):
+    from aapo_app.errors import AapoError
+
+    return AapoError("sampling met NaN/inf probabilities: the model's weights are no longer finite; resume "
+                     "from an earlier checkpoint (--resume DIR) with a lower train.learning_rate")
+
+
+def _pad_together(pieces: list[torch.Tensor], pad_id: int, dtype) -> torch.Tensor:
+    width = max(p.shape[1] for p in pieces)
+    out = torch.full((sum(p.shape[0] for p in pieces), width), pad_id, dtype=dtype)
+    row = 0
+    for p in pieces:
+        out[row:row + p.shape[0], :p.shape[1]] = p
+        row += p.shape[0]
+    return out
 
 
 @torch.no_grad()
 def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, seed: int, chunk: int,
                      kwargs: dict, eos_ids: list[int]) -> Samples:
-    """Generate from rows ``[N, T_p]`` on a module already in generation mode, ``chunk`` rows per call."""
+    """Generate from rows ``[N, T_p]`` with HF ``generate`` on a module already in generation mode,
+    ``chunk`` rows per call."""
     from aapo_app.engine import device
 
     dev = device()
@@ -96,32 +115,57 @@ def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, s
         except RuntimeError as exc:
             if "probability tensor contains" not in str(exc):
                 raise
-            from aapo_app.errors import AapoError
-
-            raise AapoError("sampling met NaN/inf probabilities: the model's weights are no longer finite; resume "
-                            "from an earlier checkpoint (--resume DIR) with a lower train.learning_rate") from exc
+            raise _non_finite(exc) from exc
         pieces.append(out[:, ids.shape[1]:].cpu())
-    width = max(p.shape[1] for p in pieces)
-    completion = torch.full((ids.shape[0], width), tokenizer.pad_token_id, dtype=ids.dtype)
-    row = 0
-    for p in pieces:
-        completion[row:row + p.shape[0], :p.shape[1]] = p
-        row += p.shape[0]
+    completion = _pad_together(pieces, tokenizer.pad_token_id, ids.dtype)
     return finish_samples(tokenizer, ids, mask, completion, eos_ids, kwargs["max_new_tokens"])
+
+
+@torch.no_grad()
+def decode_in_mode(gen, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
+                   max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int, chunk: int,
+                   eos_ids: list[int]) -> Samples:
+    """``num_samples`` completions per prompt with aapo's decoding loop (:mod:`aapo_app.sampler`) on a
+    module already in generation mode; ``chunk`` sequences (whole prompt groups) per call."""
+    from aapo_app.engine import device
+    from aapo_app.sampler import NonFiniteLogits, decode
+
+    dev = device()
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    per_call = max(1, chunk // num_samples) if chunk else prompt_ids.shape[0]
+    pieces = []
+    for start in range(0, prompt_ids.shape[0], per_call):
+        rows = slice(start, start + per_call)
+        try:
+            pieces.append(decode(gen, prompt_ids[rows], prompt_mask[rows], num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, generator=generator))
+        except NonFiniteLogits as exc:
+            raise _non_finite(exc) from exc
+    completion = _pad_together(pieces, tokenizer.pad_token_id, prompt_ids.dtype)
+    return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
+                          prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
            max_new_tokens: int, temperature: float | None, top_p: float = 1.0, top_k: int = 0,
-           seed: int, generation_batch_size: int = 0, eos_ids: list[int]) -> Samples:
-    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None)."""
-    ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [P*G, T_p], prompt-major
-    mask = prompt_mask.repeat_interleave(num_samples, dim=0)
-    kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, eos_ids=eos_ids, synced_gpus=model.synced_gpus)
+           seed: int, generation_batch_size: int = 0, eos_ids: list[int], sampler: str = "aapo") -> Samples:
+    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None).
+
+    ``sampler='aapo'`` uses aapo's decoding loop where every rank samples on its own (generation
+    mode with whole gathered weights); layer-wise ZeRO-3 generation and DeepSpeed's hybrid engine
+    need ``generate``'s ``synced_gpus`` and always use it."""
     with model.generation_mode() as gen:
-        return generate_in_mode(gen, tokenizer, ids, mask, seed=seed, chunk=generation_batch_size, kwargs=kwargs,
-                                eos_ids=eos_ids)
+        if sampler == "aapo" and not model.synced_gpus and not model.hybrid_engine:
+            return decode_in_mode(gen, tokenizer, prompt_ids, prompt_mask, num_samples=num_samples,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed, chunk=generation_batch_size, eos_ids=eos_ids)
+        kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, eos_ids=eos_ids, synced_gpus=model.synced_gpus)
+        return generate_in_mode(gen, tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
+                                prompt_mask.repeat_interleave(num_samples, dim=0), seed=seed,
+                                chunk=generation_batch_size, kwargs=kwargs, eos_ids=eos_ids)
 
 
 @torch.no_grad()
@@ -149,7 +193,7 @@ def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, add_special_tokens)
     common = dict(num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p, top_k=cfg.top_k, generation_batch_size=cfg.generation_batch_size,
-                  eos_ids=eos_ids)
+                  eos_ids=eos_ids, sampler=cfg.sampler)
     policy_samples = sample(policy, tokenizer, prompt_ids, prompt_mask,
                             seed=stream_seed(seed, step, rank, "policy", *extra), **common)
     ref_samples = ref_logp = None

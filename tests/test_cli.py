@@ -57,6 +57,7 @@ def bad_inputs(tmp_path):
         (["algorithm.delta_low=0.5"], ["algorithm.delta_low"]),
         (["train.learning_rate=-1"], ["train.learning_rate", "> 0"]),
         (["rollout.gather=sideways"], ["rollout.gather"]),
+        (["rollout.sampler=fast"], ["rollout.sampler", "'aapo' or 'hf'"]),
         (["algorithm.name=dapo", "algorithm.max_resample_tries=-1"], ["algorithm.max_resample_tries", ">= 0"]),
         (["rewards.params={cosine: {max_len: 0}}"], ["rewards.params.cosine.max_len", "> 0"]),
         (["data.prompt_template=no placeholder"], ["data.prompt_template", "{problem}"]),

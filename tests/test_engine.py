@@ -204,6 +204,25 @@ def test_layerwise_generation_matches_full_gather(trained):
     assert trainer.policy.module.training
 
 
+def test_aapo_sampler_matches_generate_on_the_engine(trained):
+    """rollout.sampler=aapo (one prefill per prompt, own cache and loop) on the engine's generation
+    mode gives exactly generate's greedy samples: tokens, masks, lengths, texts, truncation."""
+    from aapo_app.rollout import sample
+
+    trainer, *_ = trained
+    ids, mask = encode_prompts(trainer.tokenizer, trainer._prompts(trainer.eval_examples[:3]), add_special_tokens=False)
+    kwargs = dict(num_samples=2, max_new_tokens=7, temperature=None, seed=0, eos_ids=trainer.eos_ids,
+                  generation_batch_size=4)
+    ours = sample(trainer.policy, trainer.tokenizer, ids, mask, sampler="aapo", **kwargs)
+    hf = sample(trainer.policy, trainer.tokenizer, ids, mask, sampler="hf", **kwargs)
+    width = hf.sequences.shape[1]  # generate stops at the longest row, aapo's loop pads to max_new_tokens
+    assert torch.equal(ours.sequences[:, :width], hf.sequences)
+    assert not ours.completion_mask[:, hf.completion_mask.shape[1]:].any()
+    assert torch.equal(ours.lengths, hf.lengths) and torch.equal(ours.truncated, hf.truncated)
+    assert ours.texts == hf.texts
+    assert trainer.policy.module.training
+
+
 def test_local_dataset_with_columns_and_system_prompt(tiny_model_dir, shared_dir, tmp_path):
     """A real local file (MATH train) with configured columns and a system prompt, one step."""
     source = shared_dir / "datasets" / "math_train" / "math_train.json"
