@@ -120,7 +120,7 @@ def main() -> None:
     n = min(len(runs["fp32"]["losses"]), len(runs["bf16"]["losses"]))
     diffs = [abs(a - b) for a, b in zip(runs["fp32"]["losses"][:n], runs["bf16"]["losses"][:n])]
     res = {"machine": machine(device), "torch": torch.__version__, "peak_gflops": peaks, "bf16_pays": bf16_pays,
-           "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "runs": runs,
+           "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"}, "runs": runs,
            "bf16_vs_fp32": runs["bf16"]["tokens_per_s"] / runs["fp32"]["tokens_per_s"],
            "max_abs_loss_diff": max(diffs), "loss_std_fp32": statistics.pstdev(runs["fp32"]["losses"])}
     lines = [f"Machine: {res['machine']}; peak matmul fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.",

@@ -152,7 +152,8 @@ def main() -> None:
         if not args.skip_aapo_algorithm:
             runs["aapo train, aapo"] = summary(run_aapo(args, "aapo", tmp / "aapo-aapo"))
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    res = {"machine": machine(device), "trl_version": version, "settings": vars(args), "runs": runs}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}  # no machine paths in the results
+    res = {"machine": machine(device), "trl_version": version, "settings": settings, "runs": runs}
     write_results(args.out, res, markdown(res))
 
 
