@@ -56,6 +56,8 @@ class RolloutBatch:
         ref_logprobs: ``[N, T_c]`` reference log-probs of the policy's completion tokens (for KL
             baselines), or None.
         seconds: wall-clock of generation (policy + reference).
+        reference_rewards: with ``rollout.reference=cached:DIR``, the stored rewards of the reference
+            samples: ``(total [N], {name: [N]})``; scoring uses them instead of grading again.
     """
 
     examples: list[PromptExample]
@@ -64,6 +66,7 @@ class RolloutBatch:
     reference: Optional[Samples] = None
     ref_logprobs: Optional[torch.Tensor] = None
     seconds: float = 0.0
+    reference_rewards: Optional[tuple] = None
 
 
 @dataclass
@@ -131,6 +134,8 @@ def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int) -> Rollout
         ref_logp = None
         if batch.ref_logprobs is not None:
             ref_logp = batch.ref_logprobs[rows]
+        if batch.reference_rewards is not None:
+            raise NotImplementedError("dynamic sampling with a cached reference group")  # no algorithm does both
         parts.append((batch.examples[i], _rows(batch.policy, rows),
                       _rows(batch.reference, rows) if batch.reference is not None else None, ref_logp))
     policy = _concat_samples([p[1] for p in parts], pad_id)

@@ -368,6 +368,39 @@ def check_config_command(config_path, ds_config, ref_ds_config, world_size, over
     click.echo(report)
 
 
+@main.command("reference-rollouts")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="The run config the cache is for (without it: the embedded default).")
+@click.option("--out", "out_dir", required=True, help="Cache directory (created; an existing one is resumed).")
+@click.option("--ds-config", type=click.Path(dir_okay=False), default=None,
+              help="DeepSpeed inference config of the reference (default ds_configs/zero3_inference_cpu.json).")
+@click.option("--batch-prompts", type=int, default=None,
+              help="Prompts per generation batch on each rank (default rollout.prompts_per_rank).")
+@click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
+@click.argument("overrides", nargs=-1)
+def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, local_rank, overrides):
+    """Sample G reference completions for every training prompt of a run config once, score them with
+    the run's rewards, and store them in --out, keyed by prompt and fingerprinted by the reference
+    model, sampling settings, rewards and prompt rendering. Train on them with
+    rollout.reference=cached:DIR. Resumable (run it again), data-parallel under the deepspeed launcher."""
+    from aapo_app import reference_cache
+    from aapo_app.config import load_run_config
+
+    try:
+        if batch_prompts is not None and batch_prompts < 1:
+            raise AapoError(f"--batch-prompts must be >= 1 (got {batch_prompts})")
+        cfg = load_run_config(config_path, list(overrides))
+        counts = reference_cache.build(cfg, out_dir, ds_config, batch_prompts,
+                                       log=lambda msg: click.echo(msg, err=True))
+    except AapoError as exc:
+        _fail(str(exc))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        click.echo(f"reference cache {out_dir}: {counts['total']} prompts ({counts['sampled']} sampled now, "
+                   f"{counts['cached_before']} already there); train with rollout.reference=cached:{out_dir}")
+
+
 @main.command("grade")
 @click.argument("gold")
 @click.argument("prediction")

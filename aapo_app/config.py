@@ -58,6 +58,12 @@ class RolloutConfig:
         "dropped; the same distribution as generate, faster: README 'Speed'); 'hf': transformers' generate. "
         "gather=layerwise and the DeepSpeed hybrid engine always use generate",
     )
+    reference: str = _f(
+        "online",
+        "where AAPO's reference group comes from: 'online' (sampled from the frozen reference every step, as "
+        "in the paper) or 'cached:DIR' (groups stored once by `aapo reference-rollouts`, checked against "
+        "this run's fingerprint)",
+    )
     gather: str = _f(
         "full",
         "'full': gather all ZeRO-3 partitions once and generate on a plain copy sharing them (fast); "
@@ -81,6 +87,8 @@ class RolloutConfig:
             raise AapoError(f"rollout.top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.generation_batch_size < 0:
             raise AapoError("rollout.top_k and rollout.generation_batch_size must be >= 0")
+        if self.reference != "online" and not (self.reference.startswith("cached:") and self.reference[7:].strip()):
+            raise AapoError(f"rollout.reference must be 'online' or 'cached:DIR' (got '{self.reference}')")
         if self.sampler not in ("aapo", "hf"):
             raise AapoError(f"rollout.sampler must be 'aapo' or 'hf' (got '{self.sampler}')")
         if self.gather not in ("full", "layerwise"):

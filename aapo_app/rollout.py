@@ -184,10 +184,12 @@ def reference_logprobs(reference, samples: Samples, temperature: float, micro_ba
 
 def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts: list[str], *, cfg, algorithm,
             seed: int, step: int, rank: int, micro_batch_size: int, add_special_tokens: bool,
-            eos_ids: list[int], round: int = 0) -> RolloutBatch:
+            eos_ids: list[int], round: int = 0, reference_cache=None) -> RolloutBatch:
     """Sample the policy group (and the reference group / reference log-probs the algorithm needs).
 
-    ``round`` > 0 marks an extra rollout of the same step (dynamic sampling) with its own seeds."""
+    ``round`` > 0 marks an extra rollout of the same step (dynamic sampling) with its own seeds.
+    With a :class:`~aapo_app.reference_cache.ReferenceCache` the reference group is read from it
+    (the same tokens, masks and lengths an online sample would have) with its stored rewards."""
     start = time.perf_counter()
     extra = (round,) if round else ()
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, add_special_tokens)
@@ -196,11 +198,19 @@ def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts
                   eos_ids=eos_ids, sampler=cfg.sampler)
     policy_samples = sample(policy, tokenizer, prompt_ids, prompt_mask,
                             seed=stream_seed(seed, step, rank, "policy", *extra), **common)
-    ref_samples = ref_logp = None
-    if algorithm.uses_reference_samples:
+    ref_samples = ref_logp = ref_rewards = None
+    if algorithm.uses_reference_samples and reference_cache is not None:
+        groups = reference_cache.groups(prompts)
+        G = cfg.group_size
+        ref_samples = finish_samples(tokenizer, prompt_ids.repeat_interleave(G, dim=0),
+                                     prompt_mask.repeat_interleave(G, dim=0), groups.completion_ids, eos_ids,
+                                     cfg.max_new_tokens)
+        ref_rewards = (groups.rewards, groups.per_reward)
+    elif algorithm.uses_reference_samples:
         ref_samples = sample(reference, tokenizer, prompt_ids, prompt_mask,
                              seed=stream_seed(seed, step, rank, "reference", *extra), **common)
     if algorithm.uses_reference_logprobs:
         ref_logp = reference_logprobs(reference, policy_samples, cfg.temperature, micro_batch_size)
     return RolloutBatch(examples=examples, group_size=cfg.group_size, policy=policy_samples,
-                        reference=ref_samples, ref_logprobs=ref_logp, seconds=time.perf_counter() - start)
+                        reference=ref_samples, ref_logprobs=ref_logp, seconds=time.perf_counter() - start,
+                        reference_rewards=ref_rewards)

@@ -27,11 +27,15 @@ def score(batch: RolloutBatch, reward_model, algorithm) -> ScoredBatch:
         diagnostics[f"reward/{name}"] = float(values.mean())
     ref_rewards = None
     if batch.reference is not None:
-        ref_out = reward_model.score(batch.reference.texts, answers, batch.reference.lengths.tolist())
-        ref_rewards = ref_out.total.view(P, G)
+        if batch.reference_rewards is not None:  # rollout.reference=cached: scored when the cache was built
+            ref_total, ref_parts = batch.reference_rewards
+        else:
+            ref_out = reward_model.score(batch.reference.texts, answers, batch.reference.lengths.tolist())
+            ref_total, ref_parts = ref_out.total, ref_out.per_reward
+        ref_rewards = ref_total.view(P, G)
         diagnostics["ref_reward/mean"] = float(ref_rewards.mean())
         diagnostics["ref_reward/std"] = _std(ref_rewards)
-        for name, values in ref_out.per_reward.items():
+        for name, values in ref_parts.items():
             diagnostics[f"ref_reward/{name}"] = float(values.mean())
     adv = algorithm.advantages(rewards, ref_rewards)
     diagnostics.update({f"algo/{k}": float(v) for k, v in adv.diagnostics.items()})

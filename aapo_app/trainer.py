@@ -104,6 +104,17 @@ class Trainer:
         check_lengths(self.tokenizer, max_positions, sample_prompts(self.train_examples, self.eval_examples,
                                                                     lambda p: render_prompt(self.tokenizer, p, cfg.data)),
                       cfg, add_special_tokens=not self.chat)
+        self.reference_cache = None
+        if cfg.rollout.reference.startswith("cached:"):
+            if self.algorithm.uses_reference_samples:
+                from aapo_app.reference_cache import ReferenceCache, fingerprint_components
+
+                self.reference_cache = ReferenceCache(cfg.rollout.reference[len("cached:"):].strip(),
+                                                      fingerprint_components(cfg, model_path, self.tokenizer),
+                                                      self.tokenizer.pad_token_id)
+            elif self.rank == 0:
+                tqdm.write(f"note: rollout.reference={cfg.rollout.reference} is ignored: {cfg.algorithm.name} samples "
+                           f"no reference group", file=sys.stderr)
         # accuracy is always measured (weight 0 when it is not a training reward), and graded held out
         weights = {"accuracy": 0.0, **cfg.rewards.weights}
         self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers,
@@ -116,8 +127,10 @@ class Trainer:
                                 learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                                 hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
                                 max_out_tokens=cfg.rollout.max_new_tokens + 1024)
+        needs_engine = (self.algorithm.uses_reference_logprobs
+                        or (self.algorithm.uses_reference_samples and self.reference_cache is None))
         self.reference = None
-        if self.algorithm.uses_reference_samples or self.algorithm.uses_reference_logprobs:
+        if needs_engine:
             self.reference = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_ref), self.ds_ref, trainable=False,
                                        gather=cfg.rollout.gather)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
@@ -313,7 +326,7 @@ class Trainer:
         return rollout(self.policy, self.reference, self.tokenizer, examples, self._prompts(examples),
                        cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
                        micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
-                       eos_ids=self.eos_ids, round=round)
+                       eos_ids=self.eos_ids, round=round, reference_cache=self.reference_cache)
 
     def _rollout_with_resampling(self, step: int):
         """One rollout, or, for algorithms with dynamic sampling, rounds of rollouts whose groups with

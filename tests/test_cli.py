@@ -58,6 +58,7 @@ def bad_inputs(tmp_path):
         (["train.learning_rate=-1"], ["train.learning_rate", "> 0"]),
         (["rollout.gather=sideways"], ["rollout.gather"]),
         (["rollout.sampler=fast"], ["rollout.sampler", "'aapo' or 'hf'"]),
+        (["rollout.reference=later"], ["rollout.reference", "cached:DIR"]),
         (["algorithm.name=dapo", "algorithm.max_resample_tries=-1"], ["algorithm.max_resample_tries", ">= 0"]),
         (["rewards.params={cosine: {max_len: 0}}"], ["rewards.params.cosine.max_len", "> 0"]),
         (["data.prompt_template=no placeholder"], ["data.prompt_template", "{problem}"]),

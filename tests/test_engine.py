@@ -122,15 +122,18 @@ def test_reference_group_is_sampled_from_reference_weights(trained, tiny_model_d
     G = cfg.rollout.group_size
 
     def plain_samples(weights, stream):
+        """aapo's decoding loop (the default rollout.sampler) on a plain copy of ``weights``, seeded as
+        the rollout seeds that stream."""
+        from aapo_app.sampler import decode
+
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model.load_state_dict(weights)
         model.eval()
-        torch.manual_seed(stream_seed(cfg.train.seed, step, 0, stream))
-        out = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0).long(),
-                             do_sample=True, temperature=cfg.rollout.temperature, top_p=1.0, top_k=None,
-                             max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=trainer.tokenizer.pad_token_id,
-                             eos_token_id=trainer.eos_ids)
-        return out[:, ids.shape[1]:]
+        with torch.no_grad():
+            return decode(model, ids, mask, num_samples=G, max_new_tokens=cfg.rollout.max_new_tokens,
+                          temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, eos_ids=trainer.eos_ids,
+                          pad_id=trainer.tokenizer.pad_token_id,
+                          generator=torch.Generator().manual_seed(stream_seed(cfg.train.seed, step, 0, stream)))
 
     width = ids.shape[1]
     ref_expected = plain_samples(ref_weights, "reference")

@@ -1,0 +1,286 @@
+"""Reference rollouts computed once: ``aapo reference-rollouts`` writes them, ``rollout.reference=cached:DIR`` reads them.
+
+The reference model is frozen, so the distribution of its completions (and rewards) for a prompt
+never changes during a run. A cache directory holds, for every training prompt, G reference
+completions (token ids, texts, lengths, truncation) and their rewards, sampled and scored exactly
+as an online rollout would, plus ``manifest.json`` with the **fingerprint** of everything that
+decides them:
+
+* the reference model (its path and a digest of its weight files),
+* the sampling settings (G, max_new_tokens, temperature, top-p, top-k),
+* the reward configuration (weights, parameters, plugins, verification timeout),
+* the prompt rendering (chat template on/off, system prompt, template, the tokenizer's template).
+
+Records are keyed by a digest of the rendered prompt text, so any data source works. Each rank
+appends to its own ``part-<rank>.jsonl``; a killed build is resumed by skipping the keys already
+written (by any rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aapo_app.errors import AapoError
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def prompt_key(rendered_prompt: str) -> str:
+    return hashlib.sha256(rendered_prompt.encode()).hexdigest()[:24]
+
+
+def weights_digest(model_path: str) -> str:
+    """SHA-256 over the model directory's weight files (names and bytes, in name order)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model_path, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any failure means the weights are not on disk
+            raise AapoError(f"model.path: cannot find the weights of '{model_path}' on disk to fingerprint them "
+                            f"({type(exc).__name__}); download the model first") from exc
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise AapoError(f"model.path: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in '{path}' to fingerprint")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_components(cfg, model_path: str, tokenizer) -> dict:
+    """Everything that decides a prompt's reference completions and rewards (see the module doc)."""
+    r, d = cfg.rollout, cfg.data
+    return {
+        "format": CACHE_FORMAT,
+        "reference_model": {"path": cfg.model.path, "weights_sha256": weights_digest(model_path)},
+        "sampling": {"group_size": r.group_size, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
+                     "top_p": r.top_p, "top_k": r.top_k},
+        "rewards": {"weights": {"accuracy": 0.0, **cfg.rewards.weights}, "params": cfg.rewards.params,
+                    "plugins": cfg.rewards.plugins, "verify_timeout_s": cfg.rewards.verify_timeout_s},
+        "prompts": {"use_chat_template": d.use_chat_template, "system_prompt": d.system_prompt,
+                    "prompt_template": d.prompt_template,
+                    "chat_template_sha256": hashlib.sha256(str(tokenizer.chat_template or "").encode()).hexdigest()},
+    }
+
+
+def digest(components: dict) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mismatch(found: dict, expected: dict) -> str:
+    """The first differing field, as 'section.key (cache X, run Y)'."""
+    for section in sorted(set(found) | set(expected)):
+        a, b = found.get(section), expected.get(section)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"{section}.{key} (cache {a.get(key)!r}, this run {b.get(key)!r})"
+        return f"{section} (cache {a!r}, this run {b!r})"
+    return ""
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AapoError(f"reference cache: cannot read {path} ({exc}); rebuild it with aapo reference-rollouts") from exc
+
+
+def check_manifest(manifest: dict | None, components: dict, cache_dir: Path, what: str) -> None:
+    """Refuse a cache built for other settings (naming the first field that differs)."""
+    if manifest is None:
+        raise AapoError(f"{what}: '{cache_dir}' is not a reference cache (no {MANIFEST}); build one with "
+                        f"aapo reference-rollouts --config FILE --out DIR")
+    if manifest.get("fingerprint") != digest(components):
+        diff = mismatch(manifest.get("components", {}), components) or "its fingerprint"
+        raise AapoError(f"{what}: the cache in '{cache_dir}' was built for other settings: {diff}; rebuild it with "
+                        f"aapo reference-rollouts for this config, or set rollout.reference=online")
+
+
+def read_records(cache_dir: Path) -> dict[str, dict]:
+    """Every complete record of every part file, by prompt key (a torn last line is ignored)."""
+    records: dict[str, dict] = {}
+    for part in sorted(Path(cache_dir).glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed write
+            records.setdefault(rec["key"], rec)
+    return records
+
+
+@dataclass
+class CachedGroups:
+    """The reference groups of a batch's prompts, prompt-major like the samples: ``[P*G]`` rows."""
+
+    completion_ids: torch.Tensor  # [P*G, T_c], pad after each completion
+    rewards: torch.Tensor  # [P*G] weighted reward
+    per_reward: dict[str, torch.Tensor]  # name -> [P*G] unweighted
+
+
+class ReferenceCache:
+    """A built cache, checked against this run's fingerprint, answering batches of prompts."""
+
+    def __init__(self, cache_dir: str | Path, components: dict, pad_id: int):
+        self.dir = Path(cache_dir)
+        check_manifest(read_manifest(self.dir), components, self.dir, "rollout.reference")
+        self.records = read_records(self.dir)
+        self.pad_id = pad_id
+        self.group_size = components["sampling"]["group_size"]
+
+    def groups(self, rendered_prompts: list[str]) -> CachedGroups:
+        rows, rewards, parts = [], [], {}
+        for text in rendered_prompts:
+            rec = self.records.get(prompt_key(text))
+            if rec is None:
+                raise AapoError(f"rollout.reference: a training prompt is missing from the cache in '{self.dir}' "
+                                f"(built for other data?); run aapo reference-rollouts again with this config "
+                                f"to add it")
+            rows += rec["completion_ids"]
+            rewards += rec["rewards"]
+            for name, values in rec["reward_parts"].items():
+                parts.setdefault(name, []).extend(values)
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return CachedGroups(completion_ids=ids, rewards=torch.tensor(rewards, dtype=torch.float32),
+                            per_reward={k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# building a cache: `aapo reference-rollouts`
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a part file back to its last complete line (a build killed mid-write leaves half a record)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_batch: int | None = None,
+          log=print) -> dict:
+    """Sample and score G reference completions for every training prompt not yet in ``out_dir``.
+
+    Data-parallel: each rank takes every world-th missing prompt and appends to ``part-<rank>.jsonl``
+    (collective: all ranks run the same number of batches; a rank out of prompts samples a dummy
+    batch it throws away). Returns counts for the summary line."""
+    import math
+
+    from tqdm import tqdm
+
+    from aapo_app.data import load_examples, render_prompt
+    from aapo_app.ds_config import DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
+    from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, broadcast_object, init_distributed, launched_world_size
+    from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from aapo_app.rewards import RewardModel
+    from aapo_app.rollout import encode_prompts, eos_token_ids, sample, stream_seed
+
+    ds = fill_ds_config(read_ds_config(ds_config, DEFAULT_REFERENCE_CONFIG, option="--ds-config"), cfg,
+                        launched_world_size(), training=False)
+    resolve_model_path(cfg.model.path, convert=False)
+    train, _ = load_examples(cfg.data, cfg.train.seed)
+    rank, world = init_distributed()
+    model_path = resolve_model_path(cfg.model.path) if rank == 0 else None
+    barrier()
+    model_path = model_path or resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(model_path)
+    chat = bool(cfg.data.use_chat_template and tok.chat_template)
+    components = fingerprint_components(cfg, model_path, tok)
+    out = Path(out_dir)
+    problem = None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = read_manifest(out)
+            if manifest is None:
+                (out / MANIFEST).write_text(json.dumps({"fingerprint": digest(components), "components": components},
+                                                       indent=1))
+            else:
+                check_manifest(manifest, components, out, "--out")
+        except AapoError as exc:
+            problem = exc
+        except OSError as exc:
+            problem = AapoError(f"--out: cannot write to '{out}' ({exc.strerror}); choose a writable directory")
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise problem
+
+    drop_torn_tail(out / f"part-{rank}.jsonl")
+    barrier()
+    done = set(read_records(out))
+    seen, todo = set(done), []
+    for ex in train:
+        text = render_prompt(tok, ex.problem, cfg.data)
+        key = prompt_key(text)
+        if key not in seen:
+            seen.add(key)
+            todo.append((key, ex, text))
+    mine = todo[rank::world]
+    per_batch = prompts_per_batch or cfg.rollout.prompts_per_rank
+    counts = all_reduce_sum([len(mine) if r == rank else 0 for r in range(world)])
+    n_batches = max(math.ceil(c / per_batch) for c in counts)
+    G = cfg.rollout.group_size
+    log(f"reference rollouts: {len(done)} prompts cached already, {len(todo)} to sample on {world} rank(s), "
+        f"G={G}, into {out}")
+    reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
+    rewards = RewardModel({"accuracy": 0.0, **cfg.rewards.weights}, cfg.rewards.verify_timeout_s,
+                          cfg.rewards.num_workers, params=cfg.rewards.params)
+    eos_ids = eos_token_ids(tok, reference.module)
+    bar = tqdm(total=len(todo), desc="reference rollouts", unit="prompt", disable=rank != 0 or not todo)
+    try:
+        with open(out / f"part-{rank}.jsonl", "a") as f:
+            for b in range(n_batches):
+                chunk = mine[b * per_batch:(b + 1) * per_batch]
+                real = bool(chunk)
+                chunk = chunk or (mine or todo)[-1:]  # a dummy batch keeps the collective generation in step
+                ids, mask = encode_prompts(tok, [text for _, _, text in chunk], not chat)
+                s = sample(reference, tok, ids, mask, num_samples=G, max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                           seed=stream_seed(cfg.train.seed, "reference-rollouts", chunk[0][0]),
+                           generation_batch_size=cfg.rollout.generation_batch_size, eos_ids=eos_ids,
+                           sampler=cfg.rollout.sampler)
+                if real:
+                    answers = [ex.answer for _, ex, _ in chunk for _ in range(G)]
+                    scored = rewards.score(s.texts, answers, s.lengths.tolist())
+                    completion = s.sequences[:, s.prompt_width:]
+                    for i, (key, ex, _) in enumerate(chunk):
+                        rows = range(i * G, (i + 1) * G)
+                        f.write(json.dumps({
+                            "key": key, "prompt_id": ex.id, "problem": ex.problem, "answer": ex.answer,
+                            "completions": [s.texts[j] for j in rows],
+                            "completion_ids": [completion[j, :int(s.lengths[j])].tolist() for j in rows],
+                            "lengths": [int(s.lengths[j]) for j in rows],
+                            "truncated": [bool(s.truncated[j]) for j in rows],
+                            "rewards": [float(scored.total[j]) for j in rows],
+                            "reward_parts": {k: [float(v[j]) for j in rows] for k, v in scored.per_reward.items()},
+                        }) + "\n")
+                    f.flush()
+                bar.update(int(all_reduce_sum([len(chunk) if real else 0])[0]))
+    finally:
+        bar.close()
+        rewards.close()
+    barrier()
+    return {"cached_before": len(done), "sampled": len(todo), "total": len(done) + len(todo)}

@@ -1,0 +1,97 @@
+"""`aapo reference-rollouts` and rollout.reference=cached:DIR (tiny model; one 2-rank launch, slow)."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from aapo_app.config import load_run_config
+from aapo_app.errors import AapoError
+from aapo_app.reference_cache import build, read_records
+from aapo_app.trainer import Trainer
+from helpers import free_port, run
+from test_engine import tiny_overrides, train_run
+
+# test_char_length (tests/plugin_rewards.py) is len(completion) / 100; boxed_format is 1 with a \boxed{}
+WEIGHTS = {"accuracy": 0.0, "test_char_length": 1.0, "boxed_format": 0.5}
+
+
+def _cfg(model_dir, out_dir, *extra):
+    return load_run_config(None, tiny_overrides(model_dir, out_dir, "algorithm.name=aapo",
+                                                "data.max_train_examples=10", *extra))
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refcache")
+    counts = build(_cfg(tiny_model_dir, tmp / "unused"), tmp / "cache", log=lambda msg: None)
+    return tmp / "cache", counts
+
+
+def test_cache_holds_every_prompt_with_g_scored_completions(cache):
+    cache_dir, counts = cache
+    records = read_records(cache_dir)
+    assert counts == {"cached_before": 0, "sampled": 10, "total": 10} and len(records) == 10
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["components"]["sampling"]["group_size"] == 4
+    for rec in records.values():
+        assert len(rec["completions"]) == len(rec["completion_ids"]) == len(rec["rewards"]) == 4
+        assert [len(ids) for ids in rec["completion_ids"]] == rec["lengths"]
+        for j in range(4):  # the stored total is the weighted sum of the stored parts
+            total = sum(WEIGHTS[k] * rec["reward_parts"][k][j] for k in WEIGHTS)
+            assert rec["rewards"][j] == pytest.approx(total, abs=1e-6)
+            # test_char_length is len(text) / 100 of the stored text
+            assert rec["reward_parts"]["test_char_length"][j] == pytest.approx(len(rec["completions"][j]) / 100)
+
+
+def test_a_killed_build_resumes_with_only_the_missing_prompts(cache, tiny_model_dir, tmp_path):
+    cache_dir, _ = cache
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    part = copy / "part-0.jsonl"
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][: len(lines[-2]) // 2])  # 2 lost, one torn
+    counts = build(_cfg(tiny_model_dir, tmp_path / "unused"), copy, log=lambda msg: None)
+    assert counts == {"cached_before": 8, "sampled": 2, "total": 10}
+    assert set(read_records(copy)) == set(read_records(cache_dir))
+
+
+def test_training_uses_the_stored_groups_and_builds_no_reference_engine(cache, tiny_model_dir, tmp_path):
+    cache_dir, _ = cache
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{cache_dir}")
+    trainer = train_run(cfg)
+    assert trainer.reference is None
+    stored = {rec["prompt_id"]: rec for rec in read_records(cache_dir).values()}
+    logged = [json.loads(line) for line in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(logged) == 4  # 2 steps x 2 prompts
+    for rec in logged:
+        assert rec["ref_completions"] == stored[rec["prompt_id"]]["completions"]
+        assert rec["ref_rewards"] == pytest.approx(stored[rec["prompt_id"]]["rewards"])
+
+
+def test_a_cache_for_other_settings_is_refused(cache, tiny_model_dir, tmp_path):
+    cache_dir, _ = cache
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{cache_dir}", "rollout.temperature=0.9")
+    with pytest.raises(AapoError, match=r"sampling.temperature \(cache 0.7, this run 0.9\)"):
+        Trainer(cfg)
+    with pytest.raises(AapoError, match=r"--out: .*rewards.weights"):
+        build(_cfg(tiny_model_dir, tmp_path / "unused", "rewards.weights={test_char_length: 2.0}"), cache_dir,
+              log=lambda msg: None)
+    with pytest.raises(AapoError, match="is not a reference cache"):
+        Trainer(_cfg(tiny_model_dir, tmp_path / "run2", f"rollout.reference=cached:{tmp_path / 'nothing'}"))
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_prompts(tiny_model_dir, tmp_path):
+    """Under the deepspeed launcher each rank samples its share into its own part file; together
+    they hold every prompt once."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    args = ["reference-rollouts", "--out", tmp_path / "cache",
+            *tiny_overrides(tiny_model_dir, tmp_path / "unused", "algorithm.name=aapo", "data.max_train_examples=10",
+                            "rewards.plugins=[plugin_rewards]")]
+    proc = run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "aapo_app", *args])
+    assert "10 prompts (10 sampled now" in proc.stdout
+    parts = [len((tmp_path / "cache" / f"part-{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert parts == [5, 5] and len(read_records(tmp_path / "cache")) == 10
