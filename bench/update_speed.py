@@ -116,7 +116,7 @@ def main() -> None:
     peaks = {"fp32": peak_matmul_gflops(torch.float32, device), "bf16": peak_matmul_gflops(torch.bfloat16, device)}
     bf16_pays = peaks["bf16"] > 1.2 * peaks["fp32"]
     runs = {"fp32": run_one(args, False, args.steps)}
-    runs["bf16"] = run_one(args, True, args.steps if bf16_pays else max(2, args.bf16_probe_steps))
+    runs["bf16"] = run_one(args, True, args.steps if bf16_pays else max(1, args.bf16_probe_steps))
     n = min(len(runs["fp32"]["losses"]), len(runs["bf16"]["losses"]))
     diffs = [abs(a - b) for a, b in zip(runs["fp32"]["losses"][:n], runs["bf16"]["losses"][:n])]
     res = {"machine": machine(device), "torch": torch.__version__, "peak_gflops": peaks, "bf16_pays": bf16_pays,
