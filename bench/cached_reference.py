@@ -1,0 +1,99 @@
+"""AAPO with the reference group sampled online every step against read from a cache, over seeds.
+
+Builds the cache once (``aapo reference-rollouts``), then runs ``aapo train`` (AAPO, the embedded
+default unless overridden) for every seed with ``rollout.reference=online`` and with
+``rollout.reference=cached:DIR``, interleaved so that machine noise hits both arms alike, one run at a
+time, skipping runs that already finished (so it can be resumed). Prints and writes a table:
+held-out accuracy before/after (mean ± std over seeds), AAPO's diagnostics (reference reward, group
+term, momentum term, clipping of the momentum), and seconds per step, rollout and update, with the
+cached/online ratio.
+
+    python bench/cached_reference.py --out runs/cached-reference --seeds 0,1,2
+    python bench/cached_reference.py --out runs/cached-reference --seeds 0,1,2 rollout.group_size=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import write_results  # noqa: E402
+
+DIAGNOSTICS = ("ref_reward/mean", "algo/group_term_mean", "algo/momentum_mean", "algo/clip_low_frac",
+               "algo/clip_high_frac", "reward/mean")
+TIMES = ("step_seconds", "rollout_seconds", "update_seconds")
+
+
+def aapo(*args) -> None:
+    cmd = [sys.executable, "-m", "aapo_app", *map(str, args)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def run_arm(out: Path, mode: str, seed: int, cache: Path, overrides: list[str]) -> Path:
+    run_dir = out / f"{mode}-seed{seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
+    reference = "online" if mode == "online" else f"cached:{cache}"
+    aapo("train", "--output-dir", run_dir, "--seed", seed, "algorithm.name=aapo", f"rollout.reference={reference}",
+         "train.save_final=false", *overrides)
+    return run_dir
+
+
+def read_run(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step_seconds" in r]
+    return {"eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
+            **{k: statistics.fmean(r[k] for r in steps) for k in DIAGNOSTICS + TIMES if all(k in r for r in steps)}}
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/cached-reference")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "cached_reference"))
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE run-config overrides for every run and the cache")
+    args = p.parse_args()
+    out, seeds = Path(args.out).resolve(), [int(s) for s in args.seeds.split(",")]
+    cache = out / "cache"
+    start = time.perf_counter()
+    aapo("reference-rollouts", "--out", cache, "--batch-prompts", 8, "algorithm.name=aapo", *args.overrides)
+    cache_seconds = time.perf_counter() - start
+    runs = {mode: [] for mode in ("online", "cached")}
+    for seed in seeds:
+        for mode in runs:
+            runs[mode].append(read_run(run_arm(out, mode, seed, cache, args.overrides)))
+    keys = ["eval_before", "eval_after", *DIAGNOSTICS, *TIMES]
+    lines = [f"AAPO on the embedded default{' with ' + ' '.join(args.overrides) if args.overrides else ''}, seeds "
+             f"{args.seeds}; the cache of every training prompt took {cache_seconds:.0f} s to build "
+             f"(this invocation; 0 if it was already complete).", "",
+             "| | online | cached | cached / online |", "|---|---:|---:|---:|"]
+    for k in keys:
+        on, ca = [r[k] for r in runs["online"] if k in r], [r[k] for r in runs["cached"] if k in r]
+        if not on or not ca:
+            continue
+        ratio = f"{statistics.fmean(ca) / statistics.fmean(on):.2f}" if k in TIMES else ""
+        lines.append(f"| {k} | {mean_std(on)} | {mean_std(ca)} | {ratio} |")
+    res = {"seeds": seeds, "overrides": args.overrides, "cache_seconds": cache_seconds, "runs": runs}
+    write_results(args.results, res, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
