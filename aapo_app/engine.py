@@ -287,6 +287,38 @@ class ZeroModel:
         return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature)
 
 
+def _layer_groups(module: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """Parameters grouped by the top-level block they belong to: each ``...layers.<i>`` is one group,
+    everything else (embeddings, final norm, lm_head) one group per parameter."""
+    import re
+
+    groups: dict[str, list] = {}
+    for name, p in module.named_parameters():
+        m = re.match(r"(.*?\.layers\.\d+)\.", name)
+        groups.setdefault(m.group(1) if m else name, []).append((name, p))
+    return list(groups.values())
+
+
+def stream_full_parameters(module: nn.Module, per: str = "layer"):
+    """Yield ``(name, full tensor)`` for every parameter of a (ZeRO-3 partitioned) module, gathering
+    one decoder layer (``per='layer'``) or one parameter (``per='param'``) at a time, so the whole
+    model is never unpartitioned at once; for pushing weights to an inference engine.
+
+    Collective: every rank must iterate to the end in the same order (the gathers are
+    all-gathers). Each yielded tensor is only valid until the next item is requested (its
+    partition is released then): copy or load it right away. Tied weights are yielded once."""
+    import deepspeed
+
+    if per not in ("layer", "param"):
+        raise ValueError(f"per must be 'layer' or 'param' (got {per!r})")
+    groups = _layer_groups(module) if per == "layer" else [[item] for item in module.named_parameters()]
+    for group in groups:
+        params = [p for _, p in group]
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            for name, p in group:
+                yield name, p.data
+
+
 def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                         prompt_width: int, temperature: float) -> torch.Tensor:
     """Per-token log pi(o_t | q, o_<t) of the completion part of ``sequences``, from logits / T.

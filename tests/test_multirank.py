@@ -121,3 +121,24 @@ def test_two_nodes_on_localhost_match_one_node(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], base[k]) for k in a)  # training moved them
+
+
+@pytest.mark.parametrize("per", ["layer", "param"])
+def test_streaming_gather_yields_exactly_the_full_weights(tiny_model_dir, tmp_path, per):
+    """On 2 ZeRO-3 ranks, streaming the parameters one layer (or one parameter) at a time gives every
+    rank exactly the model file's weights, and never more than one layer is unpartitioned at once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         REPO / "tests" / "stream_params_script.py", tiny_model_dir, tmp_path, per])
+    want = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    layer = sum(p.numel() for name, p in want.items() if ".layers.0." in name)
+    biggest = max(p.numel() for p in want.values())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["params"].keys() == want.keys()
+        for name, tensor in got["params"].items():
+            assert torch.equal(tensor, want[name].data), name
+        # at most one group gathered at a time: one layer's (or the largest single) parameters
+        assert biggest <= got["most_gathered"] <= (max(layer, biggest) if per == "layer" else biggest) < got["total"]
