@@ -51,7 +51,8 @@ class RolloutConfig:
     temperature: float = _f(0.7, "sampling temperature; log-probs in the loss use logits / temperature too")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
-    generation_batch_size: int = _f(0, "sequences per generate call (0 = all of a rank's prompts x G at once)")
+    generation_batch_size: int = _f(0, "sequences per generation call (0 = all of a rank's prompts x G at once; "
+                                       "sampler=aapo rounds it down to whole prompt groups)")
     sampler: str = _f(
         "aapo",
         "'aapo': aapo's decoding loop (one prefill per prompt, preallocated KV cache, finished sequences "
