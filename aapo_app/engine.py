@@ -88,6 +88,23 @@ def broadcast_object(obj):
     return box[0]
 
 
+def on_rank0(fn):
+    """Run ``fn()`` on rank 0 only and give every rank its result. An :class:`AapoError` raised there
+    is raised on every rank, so that no rank is left waiting in a later collective."""
+    import torch.distributed as dist
+
+    result = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except AapoError as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, AapoError):
+        raise result
+    return result
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -319,6 +336,12 @@ def stream_full_parameters(module: nn.Module, per: str = "layer"):
                 yield name, p.data
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask (as ``generate`` does), so left padding does
+    not shift the positions of real tokens."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                         prompt_width: int, temperature: float) -> torch.Tensor:
     """Per-token log pi(o_t | q, o_<t) of the completion part of ``sequences``, from logits / T.
@@ -327,12 +350,11 @@ def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Te
     ids follow the attention mask, as in ``generate``, so left padding does not shift positions.
     """
     mask = attention_mask.long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     width_c = sequences.shape[1] - prompt_width
     out = model(
         input_ids=sequences,
         attention_mask=mask,
-        position_ids=position_ids,
+        position_ids=position_ids(mask),
         use_cache=False,
         logits_to_keep=width_c + 1,
     )

@@ -206,19 +206,12 @@ class HFBackend(Backend):
 
     def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
                  max_new_tokens: int) -> list[dict]:
-        from aapo_app.rollout import decode_in_mode, encode_prompts, generate_in_mode, generation_kwargs
+        from aapo_app.rollout import encode_prompts, sample_in_mode
 
         ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
-        if s.sampler == "aapo":
-            out = decode_in_mode(gen, self.tokenizer, ids, mask, num_samples=s.n_samples, max_new_tokens=max_new_tokens,
-                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, chunk=0,
-                                 eos_ids=self.eos_ids)
-        else:
-            kwargs = generation_kwargs(self.tokenizer, max_new_tokens=max_new_tokens, temperature=s.temperature,
-                                       top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids)
-            out = generate_in_mode(gen, self.tokenizer, ids.repeat_interleave(s.n_samples, 0),
-                                   mask.repeat_interleave(s.n_samples, 0), seed=seed, chunk=0, kwargs=kwargs,
-                                   eos_ids=self.eos_ids)
+        out = sample_in_mode(gen, self.tokenizer, ids, mask, sampler=s.sampler, num_samples=s.n_samples,
+                             max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                             seed=seed, chunk=0, eos_ids=self.eos_ids)
         return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
                 for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
 
@@ -359,14 +352,10 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
     the journal are taken from it instead of being sampled again."""
     from tqdm import tqdm
 
-    from aapo_app.engine import barrier
-    from aapo_app.models import load_tokenizer, resolve_model_path
+    from aapo_app.models import load_tokenizer, resolve_model_path_rank0_first
     from aapo_app.rollout import stream_seed
 
-    if rank == 0:
-        path = resolve_model_path(spec.path)
-    barrier()
-    path = resolve_model_path(spec.path) if rank else path
+    path = resolve_model_path_rank0_first(spec.path, rank)
     tokenizer = load_tokenizer(path)
     benchmarks = list(problems)
     batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark

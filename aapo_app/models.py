@@ -119,6 +119,16 @@ def resolve_model_path(spec: str, convert: bool = True) -> str:
     return spec
 
 
+def resolve_model_path_rank0_first(spec: str, rank: int) -> str:
+    """:func:`resolve_model_path` on every rank, rank 0 first (it converts a GGUF once into the
+    cache; the other ranks then find it there). Collective."""
+    from aapo_app.engine import barrier
+
+    path = resolve_model_path(spec) if rank == 0 else None
+    barrier()
+    return path or resolve_model_path(spec)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from aapo_app.errors import AapoError
+from aapo_app.rewards import scored_weights
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -67,7 +68,7 @@ def fingerprint_components(cfg, model_path: str, tokenizer) -> dict:
         "reference_model": {"path": cfg.model.path, "weights_sha256": weights_digest(model_path)},
         "sampling": {"group_size": r.group_size, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
                      "top_p": r.top_p, "top_k": r.top_k},
-        "rewards": {"weights": {"accuracy": 0.0, **cfg.rewards.weights}, "params": cfg.rewards.params,
+        "rewards": {"weights": scored_weights(cfg.rewards), "params": cfg.rewards.params,
                     "plugins": cfg.rewards.plugins, "verify_timeout_s": cfg.rewards.verify_timeout_s},
         "prompts": {"use_chat_template": d.use_chat_template, "system_prompt": d.system_prompt,
                     "prompt_template": d.prompt_template,
@@ -193,9 +194,9 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
 
     from aapo_app.data import load_examples, render_prompt
     from aapo_app.ds_config import DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-    from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, broadcast_object, init_distributed, launched_world_size
-    from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
-    from aapo_app.rewards import RewardModel
+    from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, init_distributed, launched_world_size, on_rank0
+    from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, resolve_model_path_rank0_first
+    from aapo_app.rewards import run_reward_model
     from aapo_app.rollout import encode_prompts, eos_token_ids, sample, stream_seed
 
     ds = fill_ds_config(read_ds_config(ds_config, DEFAULT_REFERENCE_CONFIG, option="--ds-config"), cfg,
@@ -203,30 +204,25 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     resolve_model_path(cfg.model.path, convert=False)
     train, _ = load_examples(cfg.data, cfg.train.seed)
     rank, world = init_distributed()
-    model_path = resolve_model_path(cfg.model.path) if rank == 0 else None
-    barrier()
-    model_path = model_path or resolve_model_path(cfg.model.path)
+    model_path = resolve_model_path_rank0_first(cfg.model.path, rank)
     tok = load_tokenizer(model_path)
     chat = bool(cfg.data.use_chat_template and tok.chat_template)
-    components = fingerprint_components(cfg, model_path, tok)
     out = Path(out_dir)
-    problem = None
-    if rank == 0:
+
+    def prepare() -> None:  # rank 0 alone reads and writes the manifest (and hashes the weights for it)
+        components = fingerprint_components(cfg, model_path, tok)
         try:
             out.mkdir(parents=True, exist_ok=True)
             manifest = read_manifest(out)
             if manifest is None:
                 (out / MANIFEST).write_text(json.dumps({"fingerprint": digest(components), "components": components},
                                                        indent=1))
-            else:
-                check_manifest(manifest, components, out, "--out")
-        except AapoError as exc:
-            problem = exc
         except OSError as exc:
-            problem = AapoError(f"--out: cannot write to '{out}' ({exc.strerror}); choose a writable directory")
-    problem = broadcast_object(problem)
-    if problem is not None:
-        raise problem
+            raise AapoError(f"--out: cannot write to '{out}' ({exc.strerror}); choose a writable directory") from exc
+        if manifest is not None:
+            check_manifest(manifest, components, out, "--out")
+
+    on_rank0(prepare)
 
     drop_torn_tail(out / f"part-{rank}.jsonl")
     barrier()
@@ -246,8 +242,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     log(f"reference rollouts: {len(done)} prompts cached already, {len(todo)} to sample on {world} rank(s), "
         f"G={G}, into {out}")
     reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
-    rewards = RewardModel({"accuracy": 0.0, **cfg.rewards.weights}, cfg.rewards.verify_timeout_s,
-                          cfg.rewards.num_workers, params=cfg.rewards.params)
+    rewards = run_reward_model(cfg.rewards)
     eos_ids = eos_token_ids(tok, reference.module)
     bar = tqdm(total=len(todo), desc="reference rollouts", unit="prompt", disable=rank != 0 or not todo)
     try:

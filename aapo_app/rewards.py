@@ -478,3 +478,15 @@ class RewardModel:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def scored_weights(rewards_cfg) -> dict[str, float]:
+    """A run's reward weights with accuracy always present: it is measured (weight 0 when it is not
+    a training reward) and graded held out."""
+    return {"accuracy": 0.0, **rewards_cfg.weights}
+
+
+def run_reward_model(rewards_cfg) -> RewardModel:
+    """The reward model of a run's ``rewards:`` section (see :func:`scored_weights`)."""
+    return RewardModel(scored_weights(rewards_cfg), rewards_cfg.verify_timeout_s, rewards_cfg.num_workers,
+                       params=rewards_cfg.params)

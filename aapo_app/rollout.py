@@ -80,7 +80,7 @@ def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float | No
     return kwargs
 
 
-def _non_finite(exc: Exception):
+def _non_finite():
     from aapo_app.errors import AapoError
 
     return AapoError("sampling met NaN/inf probabilities: the model's weights are no longer finite; resume "
@@ -115,7 +115,7 @@ def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, s
         except RuntimeError as exc:
             if "probability tensor contains" not in str(exc):
                 raise
-            raise _non_finite(exc) from exc
+            raise _non_finite() from exc
         pieces.append(out[:, ids.shape[1]:].cpu())
     completion = _pad_together(pieces, tokenizer.pad_token_id, ids.dtype)
     return finish_samples(tokenizer, ids, mask, completion, eos_ids, kwargs["max_new_tokens"])
@@ -141,10 +141,27 @@ def decode_in_mode(gen, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, generator=generator))
         except NonFiniteLogits as exc:
-            raise _non_finite(exc) from exc
+            raise _non_finite() from exc
     completion = _pad_together(pieces, tokenizer.pad_token_id, prompt_ids.dtype)
     return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
                           prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
+
+
+def sample_in_mode(gen, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampler: str,
+                   num_samples: int, max_new_tokens: int, temperature: float | None, top_p: float, top_k: int,
+                   seed: int, chunk: int, eos_ids: list[int], synced_gpus: bool = False) -> Samples:
+    """``num_samples`` completions per prompt on a module already in generation mode: aapo's decoding
+    loop (``sampler='aapo'``) or ``generate`` (``'hf'``, and always when ``synced_gpus``: ranks
+    generating through ZeRO-3's per-layer gathers must keep stepping together)."""
+    if sampler == "aapo" and not synced_gpus:
+        return decode_in_mode(gen, tokenizer, prompt_ids, prompt_mask, num_samples=num_samples,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, chunk=chunk, eos_ids=eos_ids)
+    kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, eos_ids=eos_ids, synced_gpus=synced_gpus)
+    return generate_in_mode(gen, tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
+                            prompt_mask.repeat_interleave(num_samples, dim=0), seed=seed, chunk=chunk,
+                            kwargs=kwargs, eos_ids=eos_ids)
 
 
 @torch.no_grad()
@@ -153,19 +170,13 @@ def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
            seed: int, generation_batch_size: int = 0, eos_ids: list[int], sampler: str = "aapo") -> Samples:
     """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None).
 
-    ``sampler='aapo'`` uses aapo's decoding loop where every rank samples on its own (generation
-    mode with whole gathered weights); layer-wise ZeRO-3 generation and DeepSpeed's hybrid engine
-    need ``generate``'s ``synced_gpus`` and always use it."""
+    Layer-wise ZeRO-3 generation and DeepSpeed's hybrid engine (its kernels patch ``generate``)
+    always use ``generate``; otherwise ``sampler`` chooses (:func:`sample_in_mode`)."""
     with model.generation_mode() as gen:
-        if sampler == "aapo" and not model.synced_gpus and not model.hybrid_engine:
-            return decode_in_mode(gen, tokenizer, prompt_ids, prompt_mask, num_samples=num_samples,
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, chunk=generation_batch_size, eos_ids=eos_ids)
-        kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, eos_ids=eos_ids, synced_gpus=model.synced_gpus)
-        return generate_in_mode(gen, tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
-                                prompt_mask.repeat_interleave(num_samples, dim=0), seed=seed,
-                                chunk=generation_batch_size, kwargs=kwargs, eos_ids=eos_ids)
+        return sample_in_mode(gen, tokenizer, prompt_ids, prompt_mask,
+                              sampler="hf" if model.hybrid_engine else sampler, num_samples=num_samples,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, chunk=generation_batch_size, eos_ids=eos_ids, synced_gpus=model.synced_gpus)
 
 
 @torch.no_grad()

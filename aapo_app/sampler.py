@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from aapo_app.engine import position_ids
+
 
 class NonFiniteLogits(FloatingPointError):
     """The model produced NaN/inf logits (its weights are no longer finite)."""
@@ -172,10 +174,6 @@ def draw(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 # the loop
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, max_new_tokens: int,
            temperature: float | None, top_k: int = 0, top_p: float = 1.0, eos_ids: list[int], pad_id: int,
@@ -200,7 +198,7 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
     eos = torch.tensor(eos_ids, dtype=ids.dtype, device=dev)
 
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
     cache = preallocate(cache, width + min(max_new_tokens, INITIAL_CACHE_TOKENS))
     cache.batch_repeat_interleave(num_samples)

@@ -28,12 +28,12 @@ from aapo_app.check import check_lengths, sample_prompts
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
 from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-from aapo_app.engine import (ZeroModel, all_reduce_sum, barrier, broadcast_object, check_hybrid_engine,
-                             init_distributed, launched_world_size)
+from aapo_app.engine import (ZeroModel, all_reduce_sum, barrier, check_hybrid_engine,
+                             init_distributed, launched_world_size, on_rank0)
 from aapo_app.errors import AapoError
-from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path
+from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, resolve_model_path_rank0_first
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
-from aapo_app.rewards import RewardModel
+from aapo_app.rewards import run_reward_model
 from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
 from aapo_app.scoring import score
 from aapo_app.update import update
@@ -85,16 +85,9 @@ class Trainer:
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         # rank 0 creates the run directory; a failure there must stop every rank, not leave them waiting
-        made = broadcast_object((str(cfg.output_dir) if self.resume_from else self._make_output_dir())
-                                if self.rank == 0 else None)
-        if isinstance(made, AapoError):
-            raise made
-        self.output_dir = Path(made)
+        self.output_dir = Path(on_rank0(lambda: str(cfg.output_dir) if self.resume_from else self._create_output_dir()))
 
-        if self.rank == 0:
-            model_path = resolve_model_path(cfg.model.path)  # converts a GGUF once, on rank 0 first
-        barrier()
-        model_path = resolve_model_path(cfg.model.path) if self.rank else model_path
+        model_path = resolve_model_path_rank0_first(cfg.model.path, self.rank)
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path)
         self.chat = bool(cfg.data.use_chat_template and self.tokenizer.chat_template)
@@ -109,17 +102,15 @@ class Trainer:
             if self.algorithm.uses_reference_samples:
                 from aapo_app.reference_cache import ReferenceCache, fingerprint_components
 
-                self.reference_cache = ReferenceCache(cfg.rollout.reference[len("cached:"):].strip(),
-                                                      fingerprint_components(cfg, model_path, self.tokenizer),
+                # rank 0 hashes the weights for the fingerprint; the other ranks need not read them again
+                components = on_rank0(lambda: fingerprint_components(cfg, model_path, self.tokenizer))
+                self.reference_cache = ReferenceCache(cfg.rollout.reference[len("cached:"):].strip(), components,
                                                       self.tokenizer.pad_token_id)
             elif self.rank == 0:
                 tqdm.write(f"note: rollout.reference={cfg.rollout.reference} is ignored: {cfg.algorithm.name} samples "
                            f"no reference group", file=sys.stderr)
-        # accuracy is always measured (weight 0 when it is not a training reward), and graded held out
-        weights = {"accuracy": 0.0, **cfg.rewards.weights}
-        self.rewards = RewardModel(weights, cfg.rewards.verify_timeout_s, cfg.rewards.num_workers,
-                                   params=cfg.rewards.params)
-        self.format_key = _format_key(weights)
+        self.rewards = run_reward_model(cfg.rewards)
+        self.format_key = _format_key(self.rewards.weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
         self.policy = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_policy), self.ds_policy, trainable=True,
@@ -145,12 +136,6 @@ class Trainer:
         self.reporter = self._make_reporter()
 
     # -- helpers ------------------------------------------------------------------------------
-    def _make_output_dir(self) -> str | AapoError:
-        try:
-            return self._create_output_dir()
-        except AapoError as exc:
-            return exc
-
     def _create_output_dir(self) -> str:
         out = self.cfg.output_dir
         if not out:
