@@ -74,14 +74,15 @@ def fixed_batch(args, cfg, path, policy):
                        ref_rewards=None, advantage_parts={})
 
 
-def run_one(args, bf16: bool, steps: int) -> dict:
+def run_one(args, bf16: bool, steps: int, batch=None) -> tuple[dict, object]:
+    """``steps`` updates on ``batch`` (sampled by this run's policy when None); returns the figures
+    and the batch, so that the other precision trains on the same completions."""
     from aapo_app.algorithms import build_algorithm
     from aapo_app.update import update
 
     cfg, path, policy = build(args, bf16)
     torch.manual_seed(0)
-    batch = fixed_batch(args, cfg, path, policy) if not hasattr(args, "_batch") else args._batch
-    args._batch = batch  # both precisions train on the same completions
+    batch = batch if batch is not None else fixed_batch(args, cfg, path, policy)
     # GPG's loss, -A * log pi (no ratio to pi_old), moves as the policy trains on the fixed batch;
     # a clipped-ratio loss is exactly -mean(A) = 0 at every on-policy step
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
@@ -97,7 +98,7 @@ def run_one(args, bf16: bool, steps: int) -> dict:
               flush=True)
     timed = seconds[1:] or seconds  # the first step includes one-off allocations
     return {"losses": losses, "seconds": seconds, "tokens_per_step": tokens,
-            "tokens_per_s": tokens / statistics.fmean(timed)}
+            "tokens_per_s": tokens / statistics.fmean(timed)}, batch
 
 
 def main() -> None:
@@ -115,12 +116,13 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     peaks = {"fp32": peak_matmul_gflops(torch.float32, device), "bf16": peak_matmul_gflops(torch.bfloat16, device)}
     bf16_pays = peaks["bf16"] > 1.2 * peaks["fp32"]
-    runs = {"fp32": run_one(args, False, args.steps)}
-    runs["bf16"] = run_one(args, True, args.steps if bf16_pays else max(1, args.bf16_probe_steps))
+    runs = {}
+    runs["fp32"], batch = run_one(args, False, args.steps)
+    runs["bf16"], _ = run_one(args, True, args.steps if bf16_pays else max(1, args.bf16_probe_steps), batch)
     n = min(len(runs["fp32"]["losses"]), len(runs["bf16"]["losses"]))
     diffs = [abs(a - b) for a, b in zip(runs["fp32"]["losses"][:n], runs["bf16"]["losses"][:n])]
     res = {"machine": machine(device), "torch": torch.__version__, "peak_gflops": peaks, "bf16_pays": bf16_pays,
-           "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"}, "runs": runs,
+           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs,
            "bf16_vs_fp32": runs["bf16"]["tokens_per_s"] / runs["fp32"]["tokens_per_s"],
            "max_abs_loss_diff": max(diffs), "loss_std_fp32": statistics.pstdev(runs["fp32"]["losses"])}
     lines = [f"Machine: {res['machine']}; peak matmul fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s.",
