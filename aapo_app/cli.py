@@ -376,9 +376,12 @@ def check_config_command(config_path, ds_config, ref_ds_config, world_size, over
               help="DeepSpeed inference config of the reference (default ds_configs/zero3_inference_cpu.json).")
 @click.option("--batch-prompts", type=int, default=None,
               help="Prompts per generation batch on each rank (default rollout.prompts_per_rank).")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Cover the training prompts of each of these seeds' train/held-out splits (default: train.seed), "
+                   "so runs with any of them can use the cache.")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
 @click.argument("overrides", nargs=-1)
-def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, local_rank, overrides):
+def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, seeds, local_rank, overrides):
     """Sample G reference completions for every training prompt of a run config once, score them with
     the run's rewards, and store them in --out, keyed by prompt and fingerprinted by the reference
     model, sampling settings, rewards and prompt rendering. Train on them with
@@ -389,9 +392,17 @@ def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, l
     try:
         if batch_prompts is not None and batch_prompts < 1:
             raise AapoError(f"--batch-prompts must be >= 1 (got {batch_prompts})")
+        seed_list = None
+        if seeds is not None:
+            try:
+                seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+            except ValueError:
+                raise AapoError(f"--seeds must be a comma list of integers, e.g. 0,1,2 (got '{seeds}')") from None
+            if not seed_list:
+                raise AapoError("--seeds is empty; give e.g. --seeds 0,1,2")
         cfg = load_run_config(config_path, list(overrides))
         counts = reference_cache.build(cfg, out_dir, ds_config, batch_prompts,
-                                       log=lambda msg: click.echo(msg, err=True))
+                                       log=lambda msg: click.echo(msg, err=True), seeds=seed_list)
     except AapoError as exc:
         _fail(str(exc))
     import torch.distributed as dist

@@ -74,6 +74,28 @@ class RolloutConfig:
     deepspeed_hybrid_engine: bool = _f(
         False, "use DeepSpeed's own hybrid engine kernels (only OPT/BLOOM/GPT-J/GPT-Neo(X)/LLaMA/InternLM)"
     )
+    backend: str = _f(
+        "deepspeed",
+        "who generates the rollouts: 'deepspeed' (the engine's generation mode, CPU or GPU) or 'vllm' "
+        "(GPU; README 'vLLM rollouts'); the held-out evaluation uses the same backend",
+    )
+    vllm_mode: str = _f(
+        "colocate",
+        "backend=vllm: 'colocate' (a vLLM engine inside each training rank on its GPU, asleep during the "
+        "update) or 'server' (a separate `vllm serve`, rollout.vllm_server_url)",
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "colocate: fraction of the GPU's memory each vLLM engine takes (weights + KV cache) while awake")
+    vllm_sleep_level: int = _f(
+        1, "colocate: how the policy engine sleeps during the update: 1 (weights to CPU memory, KV cache "
+           "freed), 2 (both freed; every weight is pushed again on waking), 0 (never sleeps)")
+    vllm_dtype: str = _f("auto", "vLLM weight dtype: auto (the checkpoint's), bfloat16, float16 or float32")
+    vllm_max_num_seqs: int = _f(0, "colocate: sequences vLLM runs at once (0 = a rank's prompts x G)")
+    vllm_server_url: str = _f("", "server: the policy's `vllm serve` URL, e.g. http://10.0.0.5:8000")
+    vllm_reference_url: str = _f(
+        "", "server: a second `vllm serve` holding the reference weights, for AAPO's reference group "
+            "(not needed with rollout.reference=cached:DIR)")
+    vllm_timeout_s: float = _f(240.0, "server: seconds to wait for the servers to answer at start-up")
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -94,6 +116,38 @@ class RolloutConfig:
             raise AapoError(f"rollout.sampler must be 'aapo' or 'hf' (got '{self.sampler}')")
         if self.gather not in ("full", "layerwise"):
             raise AapoError(f"rollout.gather must be 'full' or 'layerwise' (got '{self.gather}')")
+        self._validate_vllm()
+
+    def _validate_vllm(self) -> None:
+        if self.backend not in ("deepspeed", "vllm"):
+            raise AapoError(f"rollout.backend must be 'deepspeed' or 'vllm' (got '{self.backend}')")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise AapoError(f"rollout.vllm_mode must be 'colocate' or 'server' (got '{self.vllm_mode}')")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise AapoError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1) "
+                            f"(got {self.vllm_gpu_memory_utilization})")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise AapoError(f"rollout.vllm_sleep_level must be 0, 1 or 2 (got {self.vllm_sleep_level})")
+        if self.vllm_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise AapoError(f"rollout.vllm_dtype must be auto, bfloat16, float16 or float32 (got '{self.vllm_dtype}')")
+        if self.vllm_max_num_seqs < 0 or not self.vllm_timeout_s > 0:
+            raise AapoError("rollout.vllm_max_num_seqs must be >= 0 and rollout.vllm_timeout_s > 0")
+        if self.backend != "vllm":
+            return
+        if self.gather != "full" or self.deepspeed_hybrid_engine:
+            raise AapoError("rollout.backend=vllm generates outside DeepSpeed: rollout.gather=layerwise and "
+                            "rollout.deepspeed_hybrid_engine do not apply; remove them")
+        if self.vllm_mode == "server":
+            for name in ("vllm_server_url", "vllm_reference_url"):
+                url = getattr(self, name)
+                if url and not url.startswith(("http://", "https://")):
+                    raise AapoError(f"rollout.{name} must be an http(s):// URL (got '{url}')")
+            if not self.vllm_server_url:
+                raise AapoError("rollout.vllm_mode=server needs rollout.vllm_server_url=http://HOST:PORT of a "
+                                "running `vllm serve` (README 'vLLM rollouts')")
+            if self.vllm_reference_url.rstrip("/") == self.vllm_server_url.rstrip("/"):
+                raise AapoError("rollout.vllm_reference_url is the policy's server: the reference group would be "
+                                "sampled from the trained weights; start a second server with the reference model")
 
 
 @dataclass

@@ -316,14 +316,15 @@ def _layer_groups(module: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
     return list(groups.values())
 
 
-def stream_full_parameters(module: nn.Module, per: str = "layer"):
-    """Yield ``(name, full tensor)`` for every parameter of a (ZeRO-3 partitioned) module, gathering
-    one decoder layer (``per='layer'``) or one parameter (``per='param'``) at a time, so the whole
-    model is never unpartitioned at once; for pushing weights to an inference engine.
+def stream_full_parameter_groups(module: nn.Module, per: str = "layer"):
+    """Yield lists of ``(name, full tensor)`` for every parameter of a (ZeRO-3 partitioned) module:
+    one decoder layer's parameters per list (``per='layer'``) or one parameter (``per='param'``),
+    gathered only while the list is in use, so the whole model is never unpartitioned at once; for
+    pushing weights to an inference engine.
 
     Collective: every rank must iterate to the end in the same order (the gathers are
-    all-gathers). Each yielded tensor is only valid until the next item is requested (its
-    partition is released then): copy or load it right away. Tied weights are yielded once."""
+    all-gathers). A list's tensors are only valid until the next list is requested (their
+    partitions are released then): copy or load them right away. Tied weights are yielded once."""
     import deepspeed
 
     if per not in ("layer", "param"):
@@ -332,8 +333,14 @@ def stream_full_parameters(module: nn.Module, per: str = "layer"):
     for group in groups:
         params = [p for _, p in group]
         with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-            for name, p in group:
-                yield name, p.data
+            yield [(name, p.data) for name, p in group]
+
+
+def stream_full_parameters(module: nn.Module, per: str = "layer"):
+    """:func:`stream_full_parameter_groups` one ``(name, full tensor)`` at a time; each tensor is
+    only valid until the next group starts."""
+    for group in stream_full_parameter_groups(module, per):
+        yield from group
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -160,15 +160,9 @@ def render_eval_prompt(tokenizer, problem: str, s: EvalSettings) -> tuple[str, b
 
 def check_vllm() -> None:
     """A one-line error unless vLLM can run here (installed, and a CUDA GPU)."""
-    import importlib.util
+    from aapo_app.vllm_engine import check_vllm as check
 
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise AapoError("--backend vllm: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA machine, "
-                        "or use --backend hf")
-    if not torch.cuda.is_available():
-        raise AapoError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+    check("--backend vllm", "--backend hf")
 
 
 class Backend:
@@ -217,48 +211,31 @@ class HFBackend(Backend):
 
 
 class VLLMBackend(Backend):
-    """vLLM's offline engine on this rank's GPU; one request per problem with its own seed, so the
-    samples do not depend on how requests are batched."""
+    """vLLM's offline engine in this process on this rank's GPU (the training rollouts' colocated
+    engine, :class:`aapo_app.vllm_engine.ColocatedVLLM`); one request per completion with its own
+    seed, so the samples do not depend on how requests are batched."""
 
     def __init__(self, model_path: str, tokenizer, seed: int, dtype: str = "auto"):
-        check_vllm()
-        import torch.distributed as dist
-        import vllm
+        from aapo_app.rollout import checkpoint_eos_ids
+        from aapo_app.vllm_engine import ColocatedVLLM
 
-        self.vllm = vllm
+        check_vllm()
         self.tokenizer = tokenizer
-        kwargs = {}
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # one engine per rank inside the launcher's processes, on the rank's own GPU (as TRL's
-            # colocated mode does); without it every rank's engine would claim GPU 0
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, dtype=dtype,
-                            tensor_parallel_size=1, enable_prefix_caching=True, **kwargs)
-        try:
-            self.max_positions = self.llm.llm_engine.model_config.max_model_len
-        except AttributeError:
-            self.max_positions = None
+        self.engine = ColocatedVLLM(model_path, seed=seed, sleep_level=0, gpu_memory_utilization=0.85,
+                                    max_model_len=None, max_num_seqs=256, dtype=dtype, role="evaluation")
+        self.eos_ids = checkpoint_eos_ids(tokenizer, model_path)
+        self.max_positions = self.engine.max_model_len
 
     def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
                  max_new_tokens: int) -> list[dict]:
-        from aapo_app.rollout import stream_seed
+        from aapo_app.rollout import encode_prompts
 
-        requests, params = [], []
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-            requests.append({"prompt_token_ids": ids})
-            greedy = s.temperature is None
-            params.append(self.vllm.SamplingParams(
-                n=s.n_samples, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
-                top_k=0 if greedy else s.top_k, max_tokens=max_new_tokens,
-                seed=stream_seed(seed, i), skip_special_tokens=True))
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        records = []
-        for out in outputs:
-            for c in out.outputs:
-                truncated = c.finish_reason == "length"
-                records.append({"completion": c.text, "tokens": len(c.token_ids), "truncated": truncated})
-        return records
+        ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
+        out = self.engine.sample(self.tokenizer, ids, mask, num_samples=s.n_samples, max_new_tokens=max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
+                                 eos_ids=self.eos_ids)
+        return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
+                for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
 
 
 # --------------------------------------------------------------------------- the run

@@ -181,9 +181,29 @@ def drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _vllm_reference(cfg, model_path: str, rank: int, per_batch: int):
+    """The vLLM engine that samples the cache: the reference server, or one colocated engine per rank."""
+    from aapo_app.rollout import stream_seed
+    from aapo_app.vllm_engine import ColocatedVLLM, ServerVLLM
+
+    r = cfg.rollout
+    if r.vllm_mode == "server":
+        return ServerVLLM(r.vllm_reference_url or r.vllm_server_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s,
+                          role="reference")
+    return ColocatedVLLM(model_path, seed=stream_seed(cfg.train.seed, "vllm-reference", rank), sleep_level=0,
+                         gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=None,
+                         max_num_seqs=r.vllm_max_num_seqs or per_batch * r.group_size, dtype=r.vllm_dtype,
+                         role="reference")
+
+
 def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_batch: int | None = None,
-          log=print) -> dict:
-    """Sample and score G reference completions for every training prompt not yet in ``out_dir``.
+          log=print, seeds: list[int] | None = None) -> dict:
+    """Sample and score G reference completions for every training prompt not yet in ``out_dir``:
+    the training prompts of each seed's train/held-out split in ``seeds`` (default: train.seed), so
+    that runs with any of those seeds find their prompts.
+
+    ``rollout.backend`` chooses the sampler: the DeepSpeed engine, or vLLM (a colocated engine
+    per rank, or the server at ``rollout.vllm_reference_url``, else ``rollout.vllm_server_url``).
 
     Data-parallel: each rank takes every world-th missing prompt and appends to ``part-<rank>.jsonl``
     (collective: all ranks run the same number of batches; a rank out of prompts samples a dummy
@@ -197,12 +217,16 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, init_distributed, launched_world_size, on_rank0
     from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, resolve_model_path_rank0_first
     from aapo_app.rewards import run_reward_model
-    from aapo_app.rollout import encode_prompts, eos_token_ids, sample, stream_seed
+    from aapo_app.rollout import checkpoint_eos_ids, encode_prompts, eos_token_ids, sample, stream_seed
 
     ds = fill_ds_config(read_ds_config(ds_config, DEFAULT_REFERENCE_CONFIG, option="--ds-config"), cfg,
                         launched_world_size(), training=False)
     resolve_model_path(cfg.model.path, convert=False)
-    train, _ = load_examples(cfg.data, cfg.train.seed)
+    if cfg.rollout.backend == "vllm":
+        from aapo_app.vllm_engine import check_vllm
+
+        check_vllm()
+    train = [ex for seed in (seeds or [cfg.train.seed]) for ex in load_examples(cfg.data, seed)[0]]
     rank, world = init_distributed()
     model_path = resolve_model_path_rank0_first(cfg.model.path, rank)
     tok = load_tokenizer(model_path)
@@ -241,9 +265,13 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     G = cfg.rollout.group_size
     log(f"reference rollouts: {len(done)} prompts cached already, {len(todo)} to sample on {world} rank(s), "
         f"G={G}, into {out}")
-    reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
+    if cfg.rollout.backend == "vllm":
+        reference = _vllm_reference(cfg, model_path, rank, per_batch)
+        eos_ids = checkpoint_eos_ids(tok, model_path)
+    else:
+        reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
+        eos_ids = eos_token_ids(tok, reference.module)
     rewards = run_reward_model(cfg.rewards)
-    eos_ids = eos_token_ids(tok, reference.module)
     bar = tqdm(total=len(todo), desc="reference rollouts", unit="prompt", disable=rank != 0 or not todo)
     try:
         with open(out / f"part-{rank}.jsonl", "a") as f:

@@ -33,6 +33,20 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
+def checkpoint_eos_ids(tokenizer, model_path: str) -> list[int]:
+    """:func:`eos_token_ids` with the generation config read from the checkpoint directory (for
+    samplers that hold no transformers model, such as vLLM)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        config = None
+    return eos_token_ids(tokenizer, SimpleNamespace(generation_config=config))
+
+
 def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``[P, T_p]`` ids and bool mask. Chat-templated text already has its specials."""
     tokenizer.padding_side = "left"
@@ -168,10 +182,15 @@ def sample_in_mode(gen, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.
 def sample(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
            max_new_tokens: int, temperature: float | None, top_p: float = 1.0, top_k: int = 0,
            seed: int, generation_batch_size: int = 0, eos_ids: list[int], sampler: str = "aapo") -> Samples:
-    """``num_samples`` completions per prompt from a :class:`ZeroModel` (greedy when temperature is None).
+    """``num_samples`` completions per prompt from a :class:`ZeroModel` or a vLLM engine
+    (:mod:`aapo_app.vllm_engine`), greedy when temperature is None.
 
     Layer-wise ZeRO-3 generation and DeepSpeed's hybrid engine (its kernels patch ``generate``)
     always use ``generate``; otherwise ``sampler`` chooses (:func:`sample_in_mode`)."""
+    if getattr(model, "is_vllm", False):
+        return model.sample(tokenizer, prompt_ids, prompt_mask, num_samples=num_samples,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, eos_ids=eos_ids)
     with model.generation_mode() as gen:
         return sample_in_mode(gen, tokenizer, prompt_ids, prompt_mask,
                               sampler="hf" if model.hybrid_engine else sampler, num_samples=num_samples,
@@ -195,8 +214,12 @@ def reference_logprobs(reference, samples: Samples, temperature: float, micro_ba
 
 def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts: list[str], *, cfg, algorithm,
             seed: int, step: int, rank: int, micro_batch_size: int, add_special_tokens: bool,
-            eos_ids: list[int], round: int = 0, reference_cache=None) -> RolloutBatch:
+            eos_ids: list[int], round: int = 0, reference_cache=None, reference_sampler=None) -> RolloutBatch:
     """Sample the policy group (and the reference group / reference log-probs the algorithm needs).
+
+    ``policy`` samples the policy group (a :class:`ZeroModel` or a vLLM engine);
+    ``reference_sampler`` (a vLLM reference engine), when given, samples the reference group,
+    otherwise ``reference`` (a :class:`ZeroModel`) does; ``reference`` also scores KL log-probs.
 
     ``round`` > 0 marks an extra rollout of the same step (dynamic sampling) with its own seeds.
     With a :class:`~aapo_app.reference_cache.ReferenceCache` the reference group is read from it
@@ -218,7 +241,7 @@ def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts
                                      cfg.max_new_tokens)
         ref_rewards = (groups.rewards, groups.per_reward)
     elif algorithm.uses_reference_samples:
-        ref_samples = sample(reference, tokenizer, prompt_ids, prompt_mask,
+        ref_samples = sample(reference_sampler or reference, tokenizer, prompt_ids, prompt_mask,
                              seed=stream_seed(seed, step, rank, "reference", *extra), **common)
     if algorithm.uses_reference_logprobs:
         ref_logp = reference_logprobs(reference, policy_samples, cfg.temperature, micro_batch_size)

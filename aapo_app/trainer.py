@@ -7,6 +7,7 @@ spans ranks and the group statistics need no communication. DeepSpeed averages t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -37,6 +38,7 @@ from aapo_app.rewards import run_reward_model
 from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
 from aapo_app.scoring import score
 from aapo_app.update import update
+from aapo_app.vllm_engine import WeightSync, check_vllm_run
 
 FORMAT_REWARDS = ("boxed_format", "format", "tag_format")
 
@@ -69,6 +71,8 @@ class Trainer:
         resolve_model_path(cfg.model.path, convert=False)
         if cfg.rollout.deepspeed_hybrid_engine:
             check_hybrid_engine()
+        if cfg.rollout.backend == "vllm":
+            check_vllm_run(cfg, self.algorithm)
         self.train_examples, self.eval_examples = load_examples(cfg.data, cfg.train.seed)
 
         if not self.resume_from and cfg.output_dir and (Path(cfg.output_dir) / "metrics.jsonl").exists():
@@ -118,13 +122,21 @@ class Trainer:
                                 learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                                 hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
                                 max_out_tokens=cfg.rollout.max_new_tokens + 1024)
+        # the reference group is sampled by the DeepSpeed reference engine unless it comes from a cache
+        # or a vLLM reference engine; KL baselines always score with it
+        samples_online = self.algorithm.uses_reference_samples and self.reference_cache is None
         needs_engine = (self.algorithm.uses_reference_logprobs
-                        or (self.algorithm.uses_reference_samples and self.reference_cache is None))
+                        or (samples_online and cfg.rollout.backend != "vllm"))
+        self.vllm_needs_reference = samples_online and cfg.rollout.backend == "vllm"
         self.reference = None
         if needs_engine:
             self.reference = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_ref), self.ds_ref, trainable=False,
                                        gather=cfg.rollout.gather)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
+        self.vllm = self.vllm_reference = None
+        self.weight_sync = WeightSync(cfg.rollout.vllm_sleep_level)
+        if cfg.rollout.backend == "vllm":
+            self._build_vllm(model_path)
         self.history: list[dict] = []
         self.start_step, self.eval_before = 1, None
         self.nonfinite_in_a_row = 0
@@ -246,6 +258,7 @@ class Trainer:
         except (OSError, KeyError, ValueError) as exc:
             raise AapoError(f"--resume: cannot read {rank_file} ({exc}); resume from another step") from exc
         step = int(state["step"])
+        self.weight_sync.weights_replaced()  # a vLLM policy engine still holds the base weights
         self.history = list(state.get("history", []))
         self.eval_before = state.get("eval_before")
         self.start_step = step + 1
@@ -281,23 +294,73 @@ class Trainer:
         """First SIGTERM/SIGINT: finish the current step, save, exit. (The CLI installs the handler.)"""
         self.stop_signal = signum
 
+    # -- vLLM rollouts (rollout.backend=vllm) ---------------------------------------------------
+    def _build_vllm(self, model_path: str) -> None:
+        """The vLLM engines, after the DeepSpeed ones (which allocate first): the policy's and, for
+        AAPO's online reference group, the reference's; then the start-up check that the reference
+        engine is not the policy engine. Collective."""
+        from aapo_app.rollout import stream_seed
+        from aapo_app.vllm_engine import build_engines
+
+        r = self.cfg.rollout
+        self.vllm, self.vllm_reference = build_engines(
+            r, model_path, rank=self.rank, seed=stream_seed(self.cfg.train.seed, "vllm", self.rank),
+            reference=self.vllm_needs_reference, max_num_seqs=r.vllm_max_num_seqs or r.prompts_per_rank * r.group_size,
+            max_model_len=self._max_model_len())
+        # building an engine reseeds python, numpy and torch: put the run's seeds back
+        random.seed(self.cfg.train.seed)
+        torch.manual_seed(self.cfg.train.seed)
+        self.vllm.sleep()
+        self.weight_sync.fell_asleep()
+
+    def _max_model_len(self) -> int:
+        """The longest rendered prompt plus the longest completion (training or evaluation)."""
+        prompts = self._prompts(self.train_examples + self.eval_examples)
+        longest = max((len(self.tokenizer(p, add_special_tokens=not self.chat)["input_ids"]) for p in prompts), default=0)
+        return longest + max(self.cfg.rollout.max_new_tokens, self.cfg.train.eval_max_new_tokens) + 8
+
+    @contextlib.contextmanager
+    def _generator(self):
+        """What generates now: the DeepSpeed policy, or the vLLM policy engine woken up with the
+        trainer's current weights (pushed if they changed), put back to sleep afterwards.
+        Collective (the push gathers the ZeRO-3 partitions)."""
+        if self.vllm is None:
+            yield self.policy
+            return
+        from aapo_app.vllm_engine import push_weights_checked
+
+        engine = self.vllm
+        engine.wake_weights()
+        if self.weight_sync.needs_push():
+            push_weights_checked(self.policy.module, engine, self.vllm_reference)
+            self.weight_sync.did_push()
+        self.weight_sync.woke()
+        engine.wake_cache()
+        try:
+            yield engine
+        finally:
+            engine.sleep()
+            if engine.sleep_level:
+                self.weight_sync.fell_asleep()
+
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy (and format rate), problems sharded over ranks."""
         shard = self.eval_examples[self.rank::self.world]
         correct = formatted = 0.0
-        if shard:
-            ids, mask = encode_prompts(self.tokenizer, self._prompts(shard), not self.chat)
-            samples = sample(self.policy, self.tokenizer, ids, mask, num_samples=1,
-                             max_new_tokens=self.cfg.train.eval_max_new_tokens, temperature=None,
-                             seed=0, eos_ids=self.eos_ids, generation_batch_size=self.cfg.rollout.generation_batch_size)
-            answers, lengths = [ex.answer for ex in shard], samples.lengths.tolist()
-            correct = sum(self.eval_rewards["accuracy"](samples.texts, answers, lengths))
-            if self.format_key:
-                formatted = sum(self.eval_rewards[self.format_key](samples.texts, answers, lengths))
-        else:  # ZeRO-3 gathers are collective: ranks without problems still take part
-            with self.policy.generation_mode():
-                pass
+        with self._generator() as generator:
+            if shard:
+                ids, mask = encode_prompts(self.tokenizer, self._prompts(shard), not self.chat)
+                samples = sample(generator, self.tokenizer, ids, mask, num_samples=1,
+                                 max_new_tokens=self.cfg.train.eval_max_new_tokens, temperature=None, seed=0,
+                                 eos_ids=self.eos_ids, generation_batch_size=self.cfg.rollout.generation_batch_size)
+                answers, lengths = [ex.answer for ex in shard], samples.lengths.tolist()
+                correct = sum(self.eval_rewards["accuracy"](samples.texts, answers, lengths))
+                if self.format_key:
+                    formatted = sum(self.eval_rewards[self.format_key](samples.texts, answers, lengths))
+            elif generator is self.policy:  # ZeRO-3 gathers are collective: ranks without problems take part
+                with self.policy.generation_mode():
+                    pass
         total, correct, formatted = all_reduce_sum([len(shard), correct, formatted])
         result = {"eval/accuracy": correct / total}
         if self.format_key:
@@ -308,10 +371,12 @@ class Trainer:
     def _rollout(self, step: int, round: int = 0):
         examples = self.sampler.next_batch()
         cfg = self.cfg
-        return rollout(self.policy, self.reference, self.tokenizer, examples, self._prompts(examples),
-                       cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
-                       micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
-                       eos_ids=self.eos_ids, round=round, reference_cache=self.reference_cache)
+        with self._generator() as generator:
+            return rollout(generator, self.reference, self.tokenizer, examples, self._prompts(examples),
+                           cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
+                           micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
+                           eos_ids=self.eos_ids, round=round, reference_cache=self.reference_cache,
+                           reference_sampler=self.vllm_reference)
 
     def _rollout_with_resampling(self, step: int):
         """One rollout, or, for algorithms with dynamic sampling, rounds of rollouts whose groups with
@@ -357,6 +422,7 @@ class Trainer:
             self.reporter.samples(rows, step)
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.train.micro_batch_size,
                      temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.weight_sync.optimizer_step(applied=upd["skipped_nonfinite"] < self.algorithm.updates_per_rollout)
         pol = batch.policy
         local = dict(scored.diagnostics)
         local.update({k: v for k, v in upd.items() if k not in ("update_tokens", "update_seconds")})

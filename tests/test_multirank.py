@@ -142,3 +142,33 @@ def test_streaming_gather_yields_exactly_the_full_weights(tiny_model_dir, tmp_pa
             assert torch.equal(tensor, want[name].data), name
         # at most one group gathered at a time: one layer's (or the largest single) parameters
         assert biggest <= got["most_gathered"] <= (max(layer, biggest) if per == "layer" else biggest) < got["total"]
+
+
+def test_weight_push_to_inference_engines_on_two_ranks(tiny_model_dir, tmp_path):
+    """rollout.backend=vllm's push on 2 ZeRO-3 ranks: every rank's receiving engine ends up with exactly
+    the trainer's (moved) weights, one decoder layer per load, then one prefix-cache reset; the frozen
+    reference engine is untouched; and the checks catch an engine that ignored the push, a reference
+    engine sharing the policy engine's memory, and one whose weights moved with the policy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         REPO / "tests" / "push_weights_script.py", tiny_model_dir, tmp_path])
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    # the script adds 0.01 * (i + 1) to the i-th parameter
+    want = {name: p.data + 0.01 * (i + 1) for i, (name, p) in enumerate(base.items())}
+    layer = sum(p.numel() for name, p in base.items() if ".layers.0." in name)
+    n_layers = len({name.split(".layers.")[1].split(".")[0] for name in base if ".layers." in name})
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"push-rank{rank}.pt")
+        assert got["pushed"] == len(base)
+        for name, tensor in got["policy"].items():
+            assert torch.equal(tensor, want[name]), name
+        # one load per decoder layer plus one per remaining parameter (embeddings, final norm, ...)
+        assert got["loads"] == n_layers + sum(1 for name in base if ".layers." not in name)
+        assert got["most_in_one_load"] == max(layer, max(p.numel() for p in base.values()))
+        assert got["resets"] == 1 and got["reference_unchanged"]
+        assert got["apart"] == ""
+        assert "shares memory" in got["same"]
+        assert "does not hold the trainer's weights" in got["deaf"]
+        assert "reference engine's weights changed" in got["aliased"]

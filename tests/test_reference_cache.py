@@ -58,6 +58,25 @@ def test_a_killed_build_resumes_with_only_the_missing_prompts(cache, tiny_model_
     assert set(read_records(copy)) == set(read_records(cache_dir))
 
 
+def test_seeds_extend_the_cache_to_other_splits(cache, tiny_model_dir, tmp_path):
+    """--seeds 0,1 adds the training prompts of seed 1's split that seed 0's lacked, and a seed-1
+    run then finds every prompt it draws."""
+    from aapo_app.data import load_examples
+
+    cache_dir, _ = cache
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    cfg = _cfg(tiny_model_dir, tmp_path / "unused")
+    ids = {seed: {ex.id for ex in load_examples(cfg.data, seed)[0]} for seed in (0, 1)}
+    new = len(ids[1] - ids[0])
+    assert new > 0  # the two seeds' splits differ, else this test would prove nothing
+    counts = build(cfg, copy, log=lambda msg: None, seeds=[0, 1])
+    assert counts == {"cached_before": 10, "sampled": new, "total": 10 + new}
+    assert {rec["prompt_id"] for rec in read_records(copy).values()} == ids[0] | ids[1]
+    run = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{copy}", "train.seed=1")
+    assert train_run(run).reference is None
+
+
 def test_training_uses_the_stored_groups_and_builds_no_reference_engine(cache, tiny_model_dir, tmp_path):
     cache_dir, _ = cache
     cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{cache_dir}")

@@ -1,0 +1,459 @@
+"""vLLM rollouts (GPU): a vLLM engine colocated with each training rank, or a separate vLLM server.
+
+``rollout.backend=vllm`` replaces the DeepSpeed engine's generation mode by vLLM for the policy
+group, the reference group and the held-out evaluation. Two layouts (README "vLLM rollouts"):
+
+``rollout.vllm_mode=colocate`` (default)
+    Every training rank builds its own vLLM engine on its own GPU inside the training process
+    (vLLM's ``external_launcher`` executor, tensor parallel size 1, reusing the launcher's process
+    group). The policy engine runs in sleep mode: it hands its GPU memory back while DeepSpeed
+    updates (level 1 keeps its weights in CPU memory, level 2 discards them) and wakes up for the
+    next rollout. After every optimizer step that changed the weights the ZeRO-3 partitions are
+    gathered one decoder layer at a time (:func:`aapo_app.engine.stream_full_parameters`) and
+    handed to vLLM's weight loader, so no rank ever holds an unpartitioned copy of the model; the
+    prefix cache is reset after each push. AAPO's reference group comes from a second engine that
+    loads the frozen reference weights once and is never written to (vLLM allows one sleep-mode
+    engine per process, so the reference engine stays resident).
+``rollout.vllm_mode=server``
+    One ``vllm serve`` process (its own GPUs, any tensor/data parallel size) generates for every
+    rank over HTTP; rank 0 streams the gathered weights to it over NCCL through TRL's
+    ``VLLMClient`` (``pip install 'aapo[vllm-server]'``). The reference group comes from a second
+    server that holds the reference weights (``rollout.vllm_reference_url``) or from a reference
+    cache.
+
+Written against vLLM's source (0.10 to 0.33; see the README for what was and was not run on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from aapo_app.errors import AapoError
+
+# parameters compared between the trainer and the vLLM engines: small ones whose names vLLM keeps
+# (no fused q/k/v or gate/up) and that training moves
+PROBE_PARAMS = ("model.norm.weight", "model.layers.0.input_layernorm.weight",
+                "model.layers.0.post_attention_layernorm.weight")
+PROBE_ELEMENTS = 256
+
+
+def check_vllm(field_name: str = "rollout.backend=vllm", fallback: str = "rollout.backend=deepspeed") -> None:
+    """A one-line error unless vLLM can run here (installed, and a CUDA GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise AapoError(f"{field_name}: vLLM is not installed; `pip install 'aapo[vllm]'` on a CUDA machine, "
+                        f"or use {fallback}")
+    if not torch.cuda.is_available():
+        raise AapoError(f"{field_name} needs a CUDA GPU; use {fallback} on this machine")
+
+
+# --------------------------------------------------------------------------- when to push weights
+
+
+@dataclass
+class WeightSync:
+    """When the vLLM policy engine needs the trainer's weights before it generates.
+
+    ``version`` counts the changes made to the trainer's weights (optimizer steps that were not
+    skipped, a checkpoint restored); ``pushed`` is the version the engine holds. A push is needed
+    when they differ, and always after a level-2 sleep (the engine threw its weights away).
+    """
+
+    sleep_level: int = 1
+    version: int = 0
+    pushed: int = 0
+    pushes: int = 0
+    asleep: bool = field(default=False)
+
+    def optimizer_step(self, applied: bool) -> None:
+        """After an update; ``applied`` is False when DeepSpeed skipped the step (non-finite gradient)."""
+        if applied:
+            self.version += 1
+
+    def weights_replaced(self) -> None:
+        """The trainer's weights were loaded from elsewhere (``--resume``)."""
+        self.version += 1
+
+    def fell_asleep(self) -> None:
+        self.asleep = True
+
+    def needs_push(self) -> bool:
+        discarded = self.asleep and self.sleep_level == 2
+        return self.version != self.pushed or discarded
+
+    def did_push(self) -> None:
+        self.pushed = self.version
+        self.pushes += 1
+
+    def woke(self) -> None:
+        self.asleep = False
+
+
+# --------------------------------------------------------------------------- requests and results
+
+
+def request_seeds(seed: int, num_prompts: int, num_samples: int) -> list[int]:
+    """One seed per completion (prompt-major), so a sample does not depend on how requests are
+    batched or on the engine's scheduling."""
+    from aapo_app.rollout import stream_seed
+
+    return [stream_seed(seed, i, j) for i in range(num_prompts) for j in range(num_samples)]
+
+
+def prompt_token_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """The real (unpadded) tokens of each left-padded prompt row."""
+    return [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+
+
+def completion_rows(token_lists: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> list[list[int]]:
+    """vLLM's completions as rows that end in an EOS token when they stopped.
+
+    A completion shorter than ``max_new_tokens`` stopped at a stop token; vLLM keeps that token in
+    ``token_ids`` (EOS ids are ours: ``stop_token_ids``), but if a version leaves it out the first
+    EOS id is appended, so that :func:`aapo_app.rollout.finish_samples` sees the same row the
+    DeepSpeed sampler would have produced (EOS counted, not truncated)."""
+    eos = set(eos_ids)
+    rows = []
+    for ids in token_lists:
+        ids = list(ids)[:max_new_tokens]
+        if len(ids) < max_new_tokens and (not ids or ids[-1] not in eos):
+            ids.append(eos_ids[0])
+        rows.append(ids)
+    return rows
+
+
+def to_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: list[list[int]],
+               num_samples: int, eos_ids: list[int], max_new_tokens: int):
+    """Completion rows (prompt-major, ``num_samples`` per prompt) as :class:`~aapo_app.batches.Samples`."""
+    from aapo_app.rollout import finish_samples
+
+    width = max(1, max((len(r) for r in rows), default=1))
+    completion = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=prompt_ids.dtype)
+    for i, r in enumerate(rows):
+        if r:
+            completion[i, :len(r)] = torch.tensor(r, dtype=prompt_ids.dtype)
+    return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
+                          prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
+
+
+def probe_slices(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The first elements of each probe parameter, as float32 on the CPU."""
+    return {name: t.detach().reshape(-1)[:PROBE_ELEMENTS].float().cpu().clone()
+            for name, t in named.items() if name in PROBE_PARAMS}
+
+
+def trainer_probe(module) -> dict[str, torch.Tensor]:
+    """:func:`probe_slices` of the trainer's (possibly ZeRO-3 partitioned) module. Collective."""
+    import deepspeed
+
+    params = {n: p for n, p in module.named_parameters() if n in PROBE_PARAMS}
+    ordered = [params[n] for n in sorted(params)]
+    with deepspeed.zero.GatheredParameters(ordered, enabled=bool(ordered) and hasattr(ordered[0], "ds_id")):
+        return probe_slices({n: params[n].data for n in sorted(params)})
+
+
+def compare_probes(found: dict, expected: dict, tolerance: float) -> str:
+    """'' when every shared probe agrees within ``tolerance`` (absolute), else the first that does not."""
+    shared = sorted(set(found) & set(expected))
+    if not shared:
+        return "no probe parameter found in both"
+    for name in shared:
+        a, b = found[name], expected[name]
+        n = min(a.numel(), b.numel())
+        diff = float((a[:n] - b[:n]).abs().max()) if n else 0.0
+        if diff > tolerance:
+            return f"{name} differs by up to {diff:.3g}"
+    return ""
+
+
+def in_dtype(probe: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The trainer's probe rounded the way vLLM's loader rounds it into a ``dtype`` engine."""
+    return {k: v.to(getattr(torch, dtype)).float() for k, v in probe.items()}
+
+
+# --------------------------------------------------------------------------- colocated engine
+
+
+def _ensure_launcher_env() -> None:
+    """``external_launcher`` joins the process group through the launcher's environment variables
+    (aapo_app.engine.init_distributed sets them for a single process as well)."""
+    from aapo_app.engine import _free_port
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # the engine core must run in this process so that its weights can be written directly
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+class ColocatedVLLM:
+    """A vLLM engine in this training process, on this rank's GPU.
+
+    ``sleep_level`` 1 or 2 builds it with sleep mode (only one such engine per process, vLLM's
+    rule): :meth:`sleep` frees its GPU memory for the update. 0 keeps it resident (the reference
+    engine). Construction is collective: every rank builds the same engines in the same order.
+    """
+
+    is_vllm = True
+
+    def __init__(self, model_path: str, *, seed: int, sleep_level: int, gpu_memory_utilization: float,
+                 max_model_len: int | None, max_num_seqs: int | None, dtype: str = "auto", role: str = "policy"):
+        check_vllm()
+        _ensure_launcher_env()
+        import vllm
+
+        self.vllm = vllm
+        self.role = role
+        self.sleep_level = sleep_level
+        optional = {k: v for k, v in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)) if v}
+        try:
+            self.llm = vllm.LLM(
+                model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=1,
+                distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=True, enable_sleep_mode=sleep_level > 0, **optional,
+            )
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AapoError(f"rollout.backend=vllm: the {role} engine could not start ({first}); lower or raise "
+                            f"rollout.vllm_gpu_memory_utilization (each engine takes that fraction of the GPU), "
+                            f"or lower rollout.max_new_tokens") from exc
+        # the dtype the weights are stored in (what the loader rounds pushed tensors to)
+        self.dtype = str(next(self._model().parameters()).dtype).replace("torch.", "")
+        try:
+            self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        except AttributeError:
+            self.max_model_len = max_model_len
+
+    def _model(self):
+        # in-process engine core (external_launcher): the model lives in this process
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+    # -- memory --------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+
+    def wake_weights(self) -> None:
+        if self.sleep_level:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_cache(self) -> None:
+        if self.sleep_level:
+            self.llm.wake_up(tags=["kv_cache"])
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_weights(self, named_tensors) -> None:
+        """Copy ``(HF name, full tensor)`` pairs into the engine (vLLM maps q/k/v and gate/up to its
+        fused parameters and casts to its dtype)."""
+        self._model().load_weights(weights=list(named_tensors))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        return probe_slices(dict(self._model().named_parameters()))
+
+    def storage_ids(self) -> set[int]:
+        return {p.data_ptr() for p in self._model().parameters()}
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
+               max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
+               eos_ids: list[int]):
+        """``num_samples`` completions per prompt (greedy when temperature is None): one request per
+        completion with its own seed; prefix caching shares the prompt's prefill among them."""
+        prompts = prompt_token_lists(prompt_ids, prompt_mask)
+        seeds = request_seeds(seed, len(prompts), num_samples)
+        greedy = temperature is None
+        requests, params = [], []
+        for i, ids in enumerate(prompts):
+            for j in range(num_samples):
+                requests.append({"prompt_token_ids": ids})
+                params.append(self.vllm.SamplingParams(
+                    n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                    top_k=0 if greedy else top_k, max_tokens=max_new_tokens, seed=seeds[i * num_samples + j],
+                    stop_token_ids=list(eos_ids), skip_special_tokens=True))
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        rows = completion_rows([c.token_ids for out in outputs for c in out.outputs], eos_ids, max_new_tokens)
+        return to_samples(tokenizer, prompt_ids, prompt_mask, rows, num_samples, eos_ids, max_new_tokens)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ServerVLLM:
+    """A ``vllm serve`` process shared by all ranks (started by the user; README "vLLM rollouts").
+
+    Every rank sends its own prompts over HTTP. With ``push=True`` rank 0 joins the server's NCCL
+    weight-transfer group (TRL's ``VLLMClient``) and streams the policy's weights to it."""
+
+    is_vllm = True
+    sleep_level = 0
+    dtype = "bfloat16"
+
+    def __init__(self, url: str, *, push: bool, rank: int, timeout_s: float, role: str = "policy"):
+        try:
+            from trl.generation.vllm_client import VLLMClient
+        except ImportError as exc:
+            raise AapoError("rollout.vllm_mode=server talks to the server through TRL's VLLMClient; "
+                            "`pip install 'aapo[vllm-server]'`") from exc
+        self.role = role
+        self.rank = rank
+        self.url = url
+        try:
+            self.client = VLLMClient(base_url=url, connection_timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - requests' errors and TRL's ConnectionError
+            raise AapoError(f"rollout.vllm_{'server' if role == 'policy' else 'reference'}_url: no vLLM server answers "
+                            f"at {url} within {timeout_s:.0f} s ({type(exc).__name__}); start it first "
+                            f"(README 'vLLM rollouts')") from exc
+        self.pushing = push and rank == 0
+        if self.pushing:
+            self.client.init_communicator(device=torch.cuda.current_device())
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_weights(self) -> None:
+        pass
+
+    def wake_cache(self) -> None:
+        pass
+
+    def load_weights(self, named_tensors, metadata=None) -> None:
+        """Rank 0 broadcasts the stream to the server; the other ranks only drain it (the ZeRO-3
+        gathers behind it are collective)."""
+        if not self.pushing:
+            for _ in named_tensors:
+                pass
+            return
+        with self.client.weight_update():
+            self.client.update_named_params(metadata, named_tensors)
+
+    def reset_prefix_cache(self) -> None:
+        if self.pushing:
+            self.client.reset_prefix_cache()
+
+    def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
+               max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
+               eos_ids: list[int]):
+        greedy = temperature is None
+        out = self.client.generate(
+            prompt_token_lists(prompt_ids, prompt_mask), n=num_samples, temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, max_tokens=max_new_tokens, logprobs=None,
+            generation_kwargs={"seed": seed, "stop_token_ids": list(eos_ids), "skip_special_tokens": True})
+        rows = completion_rows(out["completion_ids"], eos_ids, max_new_tokens)
+        return to_samples(tokenizer, prompt_ids, prompt_mask, rows, num_samples, eos_ids, max_new_tokens)
+
+
+# --------------------------------------------------------------------------- the trainer's side
+
+
+def push_metadata(module) -> list[tuple[str, str, list[int]]]:
+    """``(name, dtype, full shape)`` of every parameter, in :func:`~aapo_app.engine.stream_full_parameter_groups` order."""
+    from aapo_app.engine import _layer_groups
+
+    return [(name, str(p.dtype).replace("torch.", ""), list(getattr(p, "ds_shape", p.shape)))
+            for group in _layer_groups(module) for name, p in group]
+
+
+def push_weights(module, engine) -> int:
+    """Stream the trainer's full parameters into ``engine`` one decoder layer at a time, then reset
+    its prefix cache (its cached prompt states were computed with the old weights). Collective.
+    Returns the number of tensors pushed."""
+    from aapo_app.engine import stream_full_parameter_groups
+
+    count = 0
+    if isinstance(engine, ServerVLLM):
+        def stream():
+            nonlocal count
+            # TRL packs several tensors into one broadcast, so it may still hold a tensor after
+            # the next layer was gathered (and this one released): it gets its own copy
+            for group in stream_full_parameter_groups(module, per="layer"):
+                count += len(group)
+                for name, tensor in group:
+                    yield name, tensor.clone()
+
+        engine.load_weights(stream(), push_metadata(module))
+    else:
+        for group in stream_full_parameter_groups(module, per="layer"):  # gathered only while copied
+            engine.load_weights(group)
+            count += len(group)
+    engine.reset_prefix_cache()
+    return count
+
+
+class VLLMWeightsError(AapoError):
+    """A vLLM engine does not hold the weights it should (the start-up or post-push check)."""
+
+
+def push_weights_checked(module, engine, reference_engine=None) -> int:
+    """:func:`push_weights`, then (colocated engines, whose weights this process can read) check that
+    the push landed in the policy engine and that the reference engine still holds the reference
+    weights it was built with. Collective."""
+    pushed = push_weights(module, engine)
+    if not hasattr(engine, "probe"):
+        return pushed
+    expected = in_dtype(trainer_probe(module), engine.dtype)
+    diff = compare_probes(engine.probe(), expected, 0.0)
+    if diff:
+        raise VLLMWeightsError(f"rollout.backend=vllm: after the weight push the policy engine does not hold the "
+                               f"trainer's weights ({diff}); this vLLM version's weight loader did not take them: "
+                               f"report it with `pip show vllm`, and use rollout.backend=deepspeed meanwhile")
+    if reference_engine is not None and hasattr(reference_engine, "reference_probe"):
+        diff = compare_probes(reference_engine.probe(), reference_engine.reference_probe, 0.0)
+        if diff:
+            raise VLLMWeightsError(f"rollout.backend=vllm: the reference engine's weights changed during training "
+                                   f"({diff}): it shares the policy engine's weights, and AAPO's reference group would "
+                                   f"come from the policy; use rollout.reference=cached:DIR or the deepspeed backend")
+    return pushed
+
+
+def check_engines_apart(policy, reference) -> None:
+    """The start-up check: two colocated engines built from the same checkpoint hold the same
+    probe values but in separate memory (so a push into one can never reach the other)."""
+    if reference is None or not hasattr(reference, "probe"):
+        return
+    if reference is policy or policy.storage_ids() & reference.storage_ids():
+        raise VLLMWeightsError("rollout.backend=vllm: the reference engine shares memory with the policy engine; "
+                               "AAPO's reference group would follow the trained weights")
+    diff = compare_probes(reference.probe(), policy.probe(), 0.0)
+    if diff:
+        raise VLLMWeightsError(f"rollout.backend=vllm: the reference and policy engines were built from different "
+                               f"weights ({diff}); both must load model.path")
+    reference.reference_probe = reference.probe()
+
+
+def check_vllm_run(cfg, algorithm) -> None:
+    """What a vLLM run needs, checked before any engine is built (one-line errors)."""
+    r = cfg.rollout
+    if (r.vllm_mode == "server" and algorithm.uses_reference_samples and r.reference == "online"
+            and not r.vllm_reference_url):
+        raise AapoError(f"rollout.vllm_reference_url: {cfg.algorithm.name} samples a reference group every step; "
+                        f"start a second `vllm serve` with the reference model and give its URL, or build a "
+                        f"reference cache (aapo reference-rollouts) and set rollout.reference=cached:DIR")
+    check_vllm()
+
+
+def build_engines(r, model_path: str, *, rank: int, seed: int, reference: bool, max_num_seqs: int,
+                  max_model_len: int):
+    """The policy's vLLM engine and (when ``reference``) the reference's, per ``rollout.vllm_mode``.
+    Colocated engines are checked apart (:func:`check_engines_apart`). Collective."""
+    if r.vllm_mode == "server":
+        policy = ServerVLLM(r.vllm_server_url, push=True, rank=rank, timeout_s=r.vllm_timeout_s)
+        ref = (ServerVLLM(r.vllm_reference_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s, role="reference")
+               if reference else None)
+        return policy, ref
+    common = dict(seed=seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, dtype=r.vllm_dtype)
+    policy = ColocatedVLLM(model_path, sleep_level=r.vllm_sleep_level, role="policy", **common)
+    # vLLM allows one sleep-mode engine per process: the reference engine stays resident
+    ref = ColocatedVLLM(model_path, sleep_level=0, role="reference", **common) if reference else None
+    check_engines_apart(policy, ref)
+    return policy, ref
