@@ -205,7 +205,7 @@ class TrainConfig:
     """Optimisation settings of the update stage."""
 
     max_steps: int = _f(12, "optimizer steps (one rollout and one update each)")
-    learning_rate: float = _f(5e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
+    learning_rate: float = _f(2e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")

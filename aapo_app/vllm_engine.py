@@ -252,7 +252,7 @@ class ColocatedVLLM:
     def load_weights(self, named_tensors) -> None:
         """Copy ``(HF name, full tensor)`` pairs into the engine (vLLM maps q/k/v and gate/up to its
         fused parameters and casts to its dtype)."""
-        self._model().load_weights(weights=list(named_tensors))
+        self._model().load_weights(list(named_tensors))
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
@@ -296,7 +296,6 @@ class ServerVLLM:
 
     is_vllm = True
     sleep_level = 0
-    dtype = "bfloat16"
 
     def __init__(self, url: str, *, push: bool, rank: int, timeout_s: float, role: str = "policy"):
         try:
