@@ -178,17 +178,18 @@ def in_dtype(probe: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tens
 # --------------------------------------------------------------------------- colocated engine
 
 
-def _ensure_launcher_env() -> None:
-    """``external_launcher`` joins the process group through the launcher's environment variables
-    (aapo_app.engine.init_distributed sets them for a single process as well)."""
-    from aapo_app.engine import _free_port
+def _join_process_group() -> None:
+    """``external_launcher`` reuses the default process group when it exists; without one it would
+    make a 1-rank group on every rank (wrong above rank 0), so the launcher's group is joined first
+    (:func:`aapo_app.engine.init_distributed` also makes a 1-rank group for a single process)."""
+    import torch.distributed as dist
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    # the engine core must run in this process so that its weights can be written directly
+    from aapo_app.engine import init_distributed
+
+    if not dist.is_initialized():
+        init_distributed()
+    # the engine core must run in this process so that its weights can be written directly (vLLM
+    # sets this itself for external_launcher; set here before vLLM caches its environment)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
@@ -205,7 +206,7 @@ class ColocatedVLLM:
     def __init__(self, model_path: str, *, seed: int, sleep_level: int, gpu_memory_utilization: float,
                  max_model_len: int | None, max_num_seqs: int | None, dtype: str = "auto", role: str = "policy"):
         check_vllm()
-        _ensure_launcher_env()
+        _join_process_group()
         import vllm
 
         self.vllm = vllm
@@ -232,7 +233,8 @@ class ColocatedVLLM:
 
     def _model(self):
         # in-process engine core (external_launcher): the model lives in this process
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     # -- memory --------------------------------------------------------------------------------
     def sleep(self) -> None:
@@ -251,8 +253,10 @@ class ColocatedVLLM:
     # -- weights -------------------------------------------------------------------------------
     def load_weights(self, named_tensors) -> None:
         """Copy ``(HF name, full tensor)`` pairs into the engine (vLLM maps q/k/v and gate/up to its
-        fused parameters and casts to its dtype)."""
-        self._model().load_weights(list(named_tensors))
+        fused parameters). Cast here to the engine's dtype, the same rounding vLLM's loader would do,
+        which otherwise logs a warning for every tensor."""
+        dtype = getattr(torch, self.dtype)
+        self._model().load_weights([(name, t.to(dtype)) for name, t in named_tensors])
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
@@ -287,6 +291,24 @@ class ColocatedVLLM:
 
 # --------------------------------------------------------------------------- server
 
+SERVER_MIN_VLLM = (0, 22)  # TRL 1.16's client needs vLLM's weight-transfer endpoints
+
+
+def check_server_client() -> None:
+    """Server mode needs TRL's ``VLLMClient`` and a vLLM new enough to have the weight-transfer API."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise AapoError("rollout.vllm_mode=server talks to the server through TRL's VLLMClient, which is not "
+                        "installed; `pip install 'aapo[vllm-server]'`")
+    version = importlib.metadata.version("vllm")
+    parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if parts < SERVER_MIN_VLLM:
+        raise AapoError(f"rollout.vllm_mode=server needs vLLM >= {'.'.join(map(str, SERVER_MIN_VLLM))} (its weight-"
+                        f"transfer endpoints; this machine has {version}); upgrade vLLM, or use "
+                        f"rollout.vllm_mode=colocate")
+
 
 class ServerVLLM:
     """A ``vllm serve`` process shared by all ranks (started by the user; README "vLLM rollouts").
@@ -298,11 +320,9 @@ class ServerVLLM:
     sleep_level = 0
 
     def __init__(self, url: str, *, push: bool, rank: int, timeout_s: float, role: str = "policy"):
-        try:
-            from trl.generation.vllm_client import VLLMClient
-        except ImportError as exc:
-            raise AapoError("rollout.vllm_mode=server talks to the server through TRL's VLLMClient; "
-                            "`pip install 'aapo[vllm-server]'`") from exc
+        check_server_client()
+        from trl.generation.vllm_client import VLLMClient
+
         self.role = role
         self.rank = rank
         self.url = url
@@ -342,12 +362,27 @@ class ServerVLLM:
     def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
                max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
                eos_ids: list[int]):
+        """One request per prompt with ``n`` = ``num_samples`` and the prompt's own seed (vLLM gives
+        its n samples seed + j; a single request for all prompts would give sample j of every prompt
+        the same seed), sent concurrently."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from aapo_app.rollout import stream_seed
+
         greedy = temperature is None
-        out = self.client.generate(
-            prompt_token_lists(prompt_ids, prompt_mask), n=num_samples, temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, max_tokens=max_new_tokens, logprobs=None,
-            generation_kwargs={"seed": seed, "stop_token_ids": list(eos_ids), "skip_special_tokens": True})
-        rows = completion_rows(out["completion_ids"], eos_ids, max_new_tokens)
+        prompts = prompt_token_lists(prompt_ids, prompt_mask)
+
+        def one(i: int) -> list[list[int]]:
+            out = self.client.generate(
+                [prompts[i]], n=num_samples, temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, max_tokens=max_new_tokens,
+                logprobs=None, generation_kwargs={"seed": stream_seed(seed, i), "stop_token_ids": list(eos_ids),
+                                                  "skip_special_tokens": True})
+            return out["completion_ids"]
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(prompts)))) as pool:
+            groups = list(pool.map(one, range(len(prompts))))
+        rows = completion_rows([ids for group in groups for ids in group], eos_ids, max_new_tokens)
         return to_samples(tokenizer, prompt_ids, prompt_mask, rows, num_samples, eos_ids, max_new_tokens)
 
 
@@ -438,6 +473,8 @@ def check_vllm_run(cfg, algorithm) -> None:
                         f"start a second `vllm serve` with the reference model and give its URL, or build a "
                         f"reference cache (aapo reference-rollouts) and set rollout.reference=cached:DIR")
     check_vllm()
+    if r.vllm_mode == "server":
+        check_server_client()
 
 
 def build_engines(r, model_path: str, *, rank: int, seed: int, reference: bool, max_num_seqs: int,
