@@ -4,6 +4,7 @@ conversion of vLLM's completions) on CPU, and the GPU path itself where vLLM and
 The 2-rank weight push into inference engines is in test_multirank.py."""
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -158,10 +159,17 @@ def test_each_completion_has_its_own_seed_independent_of_batching():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs vLLM and a CUDA GPU (pip install 'aapo[vllm]')")
 def test_training_with_colocated_vllm_rollouts(tiny_model_dir, tmp_path):
-    """Two AAPO steps with a sleeping vLLM policy engine and a resident reference engine: the
-    weights are pushed (and checked) after the first step, and the run ends with its evaluation."""
-    cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "run", "algorithm.name=aapo",
-                                               "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.2"))
-    trainer = train_run(cfg)
-    assert trainer.vllm is not None and trainer.vllm_reference is not None
-    assert trainer.weight_sync.pushes >= 1 and trainer.weight_sync.pushed == trainer.weight_sync.version
+    """Two AAPO steps with a sleeping vLLM policy engine and a resident reference engine, in their own
+    process (vLLM engines live as long as the process): the weights are pushed and checked before
+    the second step's rollout and the final evaluation, and the run ends normally."""
+    import json
+
+    from helpers import run
+
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "aapo_app", "train",
+         *tiny_overrides(tiny_model_dir, out, "algorithm.name=aapo", "rollout.backend=vllm",
+                         "rollout.vllm_gpu_memory_utilization=0.2", "rewards.plugins=[plugin_rewards]")],
+        DS_ACCELERATOR="cuda")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["eval_after"] <= 1.0
