@@ -159,11 +159,9 @@ class ReferenceCache:
             rewards += rec["rewards"]
             for name, values in rec["reward_parts"].items():
                 parts.setdefault(name, []).extend(values)
-        width = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        return CachedGroups(completion_ids=ids, rewards=torch.tensor(rewards, dtype=torch.float32),
+        from aapo_app.rollout import pad_rows
+
+        return CachedGroups(completion_ids=pad_rows(rows, self.pad_id), rewards=torch.tensor(rewards, dtype=torch.float32),
                             per_reward={k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()})
 
 

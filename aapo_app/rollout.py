@@ -101,6 +101,15 @@ def _non_finite():
                      "from an earlier checkpoint (--resume DIR) with a lower train.learning_rate")
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, dtype=torch.long) -> torch.Tensor:
+    """Token-id lists as one right-padded ``[len(rows), max(1, longest)]`` tensor."""
+    out = torch.full((len(rows), max(1, max((len(r) for r in rows), default=1))), pad_id, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
 def _pad_together(pieces: list[torch.Tensor], pad_id: int, dtype) -> torch.Tensor:
     width = max(p.shape[1] for p in pieces)
     out = torch.full((sum(p.shape[0] for p in pieces), width), pad_id, dtype=dtype)

@@ -129,13 +129,9 @@ def completion_rows(token_lists: list[list[int]], eos_ids: list[int], max_new_to
 def to_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: list[list[int]],
                num_samples: int, eos_ids: list[int], max_new_tokens: int):
     """Completion rows (prompt-major, ``num_samples`` per prompt) as :class:`~aapo_app.batches.Samples`."""
-    from aapo_app.rollout import finish_samples
+    from aapo_app.rollout import finish_samples, pad_rows
 
-    width = max(1, max((len(r) for r in rows), default=1))
-    completion = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=prompt_ids.dtype)
-    for i, r in enumerate(rows):
-        if r:
-            completion[i, :len(r)] = torch.tensor(r, dtype=prompt_ids.dtype)
+    completion = pad_rows(rows, tokenizer.pad_token_id, prompt_ids.dtype)
     return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
                           prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
 
