@@ -7,17 +7,20 @@ re-implemented here from its documented behaviour:
    when the model followed the Qwen prompt; else the content of the last ``\\boxed{}`` (or
    ``\\fbox{}``); else what follows the last "the answer is"; else the last number in the text.
 2. **Normalise** (:func:`strip_string`): drop LaTeX spacing, ``\\left``/``\\right``, degrees,
-   dollars, percent signs, trailing units in ``\\text{}``, a short ``x =`` prefix; ``\\dfrac`` and
-   ``\\tfrac`` become ``\\frac``, ``\\frac12`` becomes ``\\frac{1}{2}``, ``a/b`` becomes
-   ``\\frac{a}{b}``, ``1,000`` becomes ``1000``, spaces go.
-3. **Compare** (:func:`math_equal`): equal strings; equal numbers (relative tolerance 1e-4, and the
+   dollars, percent signs, trailing units in ``\\text{}`` or ``\\textnormal{}``, a short ``x =``
+   prefix; ``\\dfrac`` and ``\\tfrac`` become ``\\frac``, ``\\frac12`` becomes ``\\frac{1}{2}``,
+   ``a/b`` becomes ``\\frac{a}{b}``, ``1,000`` becomes ``1000`` (groups of three digits after a
+   leading group that does not start with 0: ``0,111`` stays a list), spaces go.
+3. **Compare** (:func:`math_equal`): equal strings; numbers with a base subscript (``1010_2``) by
+   their digits and base, never numerically; equal numbers (relative tolerance 1e-4, and the
    reference read as a percentage: x, x/100 and 100x all count); tuples and intervals element by
    element with the same brackets; comma lists of solutions in any order; matrices entry by entry;
    equations by their sides; else symbolic equality through latex2sympy2_extended and sympy
    (difference simplifies to 0, or equal numerically).
 
-Everything here is pure Python with no time bound of its own; :mod:`aapo_app.grader` runs it in a
-worker process under the same per-item time limit as math-verify.
+Everything here is pure Python with no time or memory bound of its own; :mod:`aapo_app.grader` runs
+it in a worker process under the same per-item time limit and memory limit as math-verify (a
+MemoryError is never swallowed here: it propagates, and the grader scores the item as an error).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ _UNIT_WORDS = (
     "cups", "cup", "coins", "marbles", "apples", "books", "pages", "km/h", "m/s", "cm^2", "m^2", "cm^3", "m^3",
 )
 _UNIT_TAIL = re.compile(
-    r"(?<=[\d}\)])\s*(?:\\(?:text|mbox|mathrm)\{\s*)?(?:"
+    r"(?<=[\d}\)])\s*(?:\\(?:text|textnormal|textrm|mbox|mathrm)\{\s*)?(?:"
     + "|".join(re.escape(u) for u in sorted(_UNIT_WORDS, key=len, reverse=True))
     + r")\s*\}?(?:\^\{?[23]\}?)?\s*$"
 )
@@ -136,6 +139,26 @@ def _unwrap_braces(s: str) -> str:
     return s
 
 
+# Thousands separators: groups of exactly three digits after a leading group of one to three digits
+# that does not start with 0. "1,000" is 1000; "0,111" is not 111 (a list, or a decimal comma).
+_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?")
+
+
+def braces_balanced(s: str) -> bool:
+    """True iff the unescaped braces of ``s`` pair up (``\\{`` and ``\\}`` are set braces, not counted).
+
+    A gold that fails this (``\\frac{1}{2``) is malformed: the grader reports it as an error."""
+    depth = 0
+    for ch in re.sub(r"\\[{}]", "", s):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
 def strip_string(s: str, skip_unit: bool = False) -> str:
     """Normalise an answer string so that trivially different writings compare equal."""
     s = str(s).strip().replace("\n", "").rstrip(".").strip()
@@ -152,10 +175,10 @@ def strip_string(s: str, skip_unit: bool = False) -> str:
         stripped = _UNIT_TAIL.sub("", s).strip()
         if stripped:
             s = stripped
-        stripped = re.sub(r"\\(?:text|mbox)\{[^{}]*\}$", "", s).strip()
+        stripped = re.sub(r"\\(?:text|textnormal|textrm|mbox)\{[^{}]*\}$", "", s).strip()
         if stripped and stripped != s and re.search(r"[\d}]$", stripped):
             s = stripped
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|mathbf|operatorname)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:text|textnormal|textrm|textbf|mbox|mathrm|mathbf|operatorname)\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\dots", "\\ldots").replace("\\cdots", "\\ldots")
     s = re.sub(r"\s+and\s+", ",", s)
     s = s.replace("infinity", "\\infty")
@@ -174,7 +197,7 @@ def strip_string(s: str, skip_unit: bool = False) -> str:
     s = s.replace(" ", "")
     s = _fix_fracs(s)
     s = _fix_slash(s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     s = _unwrap_braces(s).rstrip(".")
     return s
@@ -186,7 +209,7 @@ def strip_string(s: str, skip_unit: bool = False) -> str:
 def parse_number(s: str) -> float | None:
     """A plain number ("1,000", "-2.5", "3e-5", "25%", "\\frac{1}{4}" is not one) or None."""
     s = s.strip().replace("\\%", "%")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?%?", s):  # thousands separators only
+    if _THOUSANDS.fullmatch(s.rstrip("%")):  # thousands separators only
         s = s.replace(",", "")
     percent = s.endswith("%")
     s = s.rstrip("%").strip()
@@ -241,6 +264,32 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     return [[c.strip() for c in r.split("&")] for r in rows]
 
 
+# A number written in a base: digits, then the base as a subscript ("1112122_3", "10_{2}", "A3_{16}").
+_BASE_NUMBER = re.compile(r"([0-9A-Za-z]+)_(?:\{(\d{1,2})\}|(\d{1,2}))")
+
+
+def base_number(s: str) -> tuple[str, int] | None:
+    """(digits, base) of a number with a base subscript, digits upper-cased without leading zeros;
+    None if ``s`` is not one (the base outside 2..36, or a digit too large for it: ``x_1``, ``a_2``)."""
+    m = _BASE_NUMBER.fullmatch(s.strip())
+    if not m:
+        return None
+    digits, base = m.group(1).upper(), int(m.group(2) or m.group(3))
+    if not 2 <= base <= 36 or any(int(c, 36) >= base for c in digits):
+        return None
+    return digits.lstrip("0") or "0", base
+
+
+def _base_equal(pred: str, ref: str, p_base: tuple[str, int] | None, r_base: tuple[str, int] | None) -> bool:
+    """Numbers in a base compare by digits and base, never numerically (the tolerance would accept
+    a wrong digit). A bare digit string against one with a base: the same digits, base left out."""
+    if p_base is not None and r_base is not None:
+        return p_base == r_base
+    other, (digits, _) = (pred, r_base) if r_base is not None else (ref, p_base)
+    other = other.strip()
+    return re.fullmatch(r"[0-9A-Za-z]+", other) is not None and (other.upper().lstrip("0") or "0") == digits
+
+
 def math_equal(prediction: str, reference: str, include_percentage: bool = True) -> bool:
     """True iff the (normalised) prediction equals the (normalised) reference mathematically."""
     pred, ref = str(prediction).strip(), str(reference).strip()
@@ -248,6 +297,9 @@ def math_equal(prediction: str, reference: str, include_percentage: bool = True)
         return True
     if not pred:
         return False
+    p_base, r_base = base_number(pred), base_number(ref)
+    if p_base is not None or r_base is not None:
+        return _base_equal(pred, ref, p_base, r_base)
     p_num, r_num = parse_number(pred), parse_number(ref)
     if p_num is not None and r_num is not None:
         candidates = [r_num / 100, r_num, r_num * 100] if include_percentage else [r_num]
@@ -294,6 +346,8 @@ def _to_sympy(s: str):
 
     try:
         return latex2sympy(s)
+    except MemoryError:
+        raise
     except Exception:
         from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
                                                 standard_transformations)
@@ -303,31 +357,44 @@ def _to_sympy(s: str):
 
 
 def symbolic_equal(a: str, b: str) -> bool:
-    """Symbolic equality through latex2sympy2_extended / sympy: same set, zero difference, or equal values."""
+    """Symbolic equality through latex2sympy2_extended / sympy: same set, zero difference, or equal values.
+
+    Any error in a step reads as "not equal by that step", except a MemoryError (the grader's worker
+    runs under a memory limit): it propagates, so the grader scores the item 0 and counts it as an error."""
     import sympy
 
     try:
         x, y = _to_sympy(a), _to_sympy(b)
+    except MemoryError:
+        raise
     except Exception:
         return False
     try:
         if x == y:
             return True
+    except MemoryError:
+        raise
     except Exception:
         pass
     if isinstance(x, sympy.Set) or isinstance(y, sympy.Set):
         try:
             return bool(x == y) or bool(sympy.simplify(x.symmetric_difference(y)) == sympy.S.EmptySet)
+        except MemoryError:
+            raise
         except Exception:
             return False
     try:
         if sympy.simplify(x - y) == 0:
             return True
+    except MemoryError:
+        raise
     except Exception:
         pass
     try:
         fx, fy = complex(sympy.N(x)), complex(sympy.N(y))
         return abs(fx - fy) <= 1e-4 * max(1.0, abs(fy))
+    except MemoryError:
+        raise
     except Exception:
         return False
 

@@ -412,7 +412,39 @@ def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, s
                    f"{counts['cached_before']} already there); train with rollout.reference=cached:{out_dir}")
 
 
-@main.command("grade")
+class _AnswerArgsCommand(click.Command):
+    """A command whose arguments may begin with '-' (negative answers: ``aapo grade -5 '\\boxed{-5}'``).
+
+    Every token that is not exactly one of the command's own options (or the value after one) is an
+    argument, so "-5", "-\\frac{1}{2}" or "-h^2" never read as options (click alone would take "-5" for
+    an unknown option and "-h^2" for --help). "--" still ends the options: an answer that is exactly
+    an option's name ("-h") goes after it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with_value, flags = set(), set()
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                names = set(param.opts) | set(param.secondary_opts)
+                (flags if param.is_flag or param.count else with_value).update(names)
+        options, arguments = [], []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                arguments.extend(args[i + 1:])
+                break
+            if arg in flags or (arg.startswith("--") and arg.split("=", 1)[0] in with_value and "=" in arg):
+                options.append(arg)
+            elif arg in with_value:
+                options.extend(args[i:i + 2])  # a missing value is click's own error
+                i += 1
+            else:
+                arguments.append(arg)
+            i += 1
+        return super().parse_args(ctx, [*options, "--", *arguments])
+
+
+@main.command("grade", cls=_AnswerArgsCommand)
 @click.argument("gold")
 @click.argument("prediction")
 @click.option("--protocol", default="lighteval", type=click.Choice(["lighteval", "simplerl"]), show_default=True,
@@ -422,7 +454,8 @@ def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, s
 def grade_command(gold, prediction, protocol, timeout, as_json):
     """Grade PREDICTION (a model's text, e.g. '... the answer is \\boxed{1/2}') against GOLD (a bare answer)
     and print what was extracted from each and the verdict. The training reward and `aapo eval` use this
-    same grader. PREDICTION '-' reads it from standard input."""
+    same grader. PREDICTION '-' reads it from standard input. Answers may begin with '-':
+    aapo grade -5 '\\boxed{-5}'. A malformed GOLD (e.g. unbalanced braces) reports status error."""
     import json
 
     from aapo_app.grader import grade
@@ -431,7 +464,12 @@ def grade_command(gold, prediction, protocol, timeout, as_json):
         prediction = sys.stdin.read()
     if not gold.strip():
         _fail("GOLD is empty; give the reference answer, e.g. '\\frac{1}{2}'")
-    result = grade(gold, prediction, timeout_s=timeout, protocol=protocol)
+    if not timeout > 0:
+        _fail(f"--timeout must be > 0 seconds (got {timeout}); e.g. --timeout 10")
+    try:
+        result = grade(gold, prediction, timeout_s=timeout, protocol=protocol)
+    except AapoError as exc:
+        _fail(str(exc))
     if as_json:
         click.echo(json.dumps({"protocol": protocol, "gold": result.gold, "predicted": result.predicted,
                                "correct": result.correct, "status": result.status}))

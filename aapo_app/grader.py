@@ -36,6 +36,22 @@ killed and respawned, and its item scores ``timeout``. Workers start lazily on t
 are reused; items of one ``grade_many`` call run in parallel across them. Any exception scores
 ``error``; nothing raised in a worker reaches the caller.
 
+Memory bounds. A time bound alone does not bound memory: sympy can allocate gigabytes inside one C
+call before any alarm or kill lands (``10^{10^{10^{11}}}`` against ``10^{10^{10^{10}}}`` under
+simplerl grew a worker to 2.5-4 GB in the 7 s it was allowed). So each worker also caps its own
+address space (``RLIMIT_AS``) once it has started: it may grow by ``memory_limit_mb`` (default 1024
+MiB) beyond its size after imports and warm-up. An allocation past the cap raises MemoryError, which
+scores the item ``error`` (counted like any error, ``verify_errors`` in training); a worker that
+dies of it is replaced and its item scores ``error`` too. (math-verify catches most exceptions
+inside itself, so under lighteval an allocation past the cap may instead read as "not equal": still
+0, still bounded.) Change the cap with ``Grader(memory_limit_mb=...)`` or the environment variable
+``AAPO_GRADER_MEMORY_MB`` (read when a Grader is created, so it reaches the training reward and
+``aapo eval`` alike); 0 switches it off.
+
+Malformed golds. A gold whose braces do not pair up (``\\frac{1}{2``) scores ``error`` under both
+protocols, as does a gold that math-verify cannot parse (lighteval) or that normalises to nothing
+(simplerl): a broken reference is never reported as a graded ``ok``.
+
 Workers are started with ``spawn``, which re-imports the caller's ``__main__`` module: scripts that
 grade must keep their entry point under ``if __name__ == "__main__":``.
 """
@@ -56,12 +72,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from aapo_app.errors import AapoError
+
 STATUSES = ("ok", "no_answer", "timeout", "error")
 PROTOCOLS = ("lighteval", "simplerl")
 _KILL_MARGIN_S = 2.0  # parent's hard bound = timeout_s + this
 _STARTUP_TIMEOUT_S = 120.0  # a worker must import math-verify within this
 _MAX_START_FAILURES = 3  # per call; then the remaining items score "error"
 _READY = "ready"
+MEMORY_LIMIT_ENV = "AAPO_GRADER_MEMORY_MB"
+DEFAULT_MEMORY_LIMIT_MB = 1024  # per worker, beyond its size once started
 logger = logging.getLogger(__name__)
 
 
@@ -73,7 +93,8 @@ class GradeResult:
         correct: True iff the protocol judged the prediction equal to the gold.
         status: "ok" (graded), "no_answer" (nothing in the prediction parsed into a mathematical
             expression, and no string match), "timeout" (over ``timeout_s``) or "error" (an
-            exception, a crashed worker, or a gold that math-verify cannot parse).
+            exception, a MemoryError past the worker's memory cap, a crashed worker, or a malformed
+            gold: unbalanced braces, or one that math-verify cannot parse).
         gold: the text math-verify extracted from the gold ("" if none).
         predicted: the text math-verify extracted from the prediction ("" if none or unknown).
     """
@@ -123,10 +144,17 @@ def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lightev
 
     ``seen`` receives the extracted texts as they become known, so a timeout can still report them.
     """
+    from aapo_app.answers import braces_balanced
+
+    if not braces_balanced(gold):  # "\frac{1}{2": a broken reference, not a gradable one
+        seen["gold"] = gold.strip()
+        return GradeResult(False, "error", seen["gold"], "")
     if protocol == "simplerl":
         from aapo_app.answers import extract_answer, math_equal, strip_string
 
         seen["gold"] = strip_string(gold)
+        if not seen["gold"]:
+            return GradeResult(False, "error", "", "")
         seen["predicted"] = extract_answer(prediction)
         correct = math_equal(seen["predicted"], seen["gold"])
         status = "ok" if correct or seen["predicted"] else "no_answer"
@@ -157,8 +185,35 @@ def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lightev
     return GradeResult(correct, status, seen["gold"], seen["predicted"])
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive (gold, prediction, timeout_s), send back a GradeResult; None stops."""
+def _address_space_bytes() -> int:
+    """This process's virtual memory size (what RLIMIT_AS counts), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """Cap this process's address space at its current size + ``limit_mb`` MiB (0: no cap).
+
+    Relative to the current size, because what a worker holds once started depends on what the
+    caller's ``__main__`` imports (spawn re-imports it); a fixed total could starve a worker that
+    imported torch before grading anything. Where RLIMIT_AS or /proc is missing, nothing is capped."""
+    if not limit_mb:
+        return
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = _address_space_bytes() + limit_mb * 2**20
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        if soft == resource.RLIM_INFINITY or cap < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ImportError, OSError, ValueError, AttributeError):
+        logger.warning("grader: cannot cap a worker's memory here; only the time bound applies")
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int = 0) -> None:
+    """Worker loop: receive (gold, prediction, timeout_s, protocol), send back a GradeResult; None stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGALRM, _on_alarm)
     # We switch math-verify's timeouts off and bound items ourselves; silence its warning about it.
@@ -168,11 +223,12 @@ def _worker_main(conn: Connection) -> None:
             _grade_item("\\frac{1}{2}", "\\boxed{0.5}", {}, protocol)
     except Exception:
         pass
+    _limit_memory(memory_limit_mb)  # after the warm-up: the cap bounds what grading adds
     conn.send(_READY)
     while True:
         try:
             message = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError, MemoryError):  # a message too big for the cap: exit, the item scores "error"
             return
         if message is None:
             return
@@ -186,7 +242,7 @@ def _worker_main(conn: Connection) -> None:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _ItemTimeout:
             result = GradeResult(False, "timeout", seen["gold"], seen["predicted"])
-        except Exception:
+        except Exception:  # MemoryError (over the memory cap) included
             result = GradeResult(False, "error", seen["gold"], seen["predicted"])
         try:
             conn.send(result)
@@ -200,9 +256,10 @@ def _worker_main(conn: Connection) -> None:
 class _Worker:
     """One worker process, the parent's end of its pipe, and the item it is grading."""
 
-    def __init__(self, ctx: multiprocessing.context.BaseContext):
+    def __init__(self, ctx: multiprocessing.context.BaseContext, memory_limit_mb: int = 0):
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="aapo-grader")
+        self.proc = ctx.Process(target=_worker_main, args=(child_conn, memory_limit_mb), daemon=True,
+                                name="aapo-grader")
         self.proc.start()
         child_conn.close()
         self.ready = False
@@ -241,6 +298,9 @@ class Grader:
             worker that overruns ``hard_timeout_s = timeout_s + 2`` seconds.
         num_workers: worker processes; default ``min(2, os.cpu_count())``.
         protocol: "lighteval" (math-verify) or "simplerl" (Qwen2.5-Math style), see the module doc.
+        memory_limit_mb: MiB each worker's address space may grow by beyond its size once started
+            (``RLIMIT_AS``); past it an item scores "error". None: ``$AAPO_GRADER_MEMORY_MB`` if
+            set, else 1024. 0: no cap.
 
     Attributes:
         stats: running counts since creation: "graded", "timeout", "error", "no_answer", and
@@ -248,11 +308,17 @@ class Grader:
         hard_timeout_s: the parent's wall-clock bound per item (tests lower it to exercise the kill).
     """
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int | None = None, protocol: str = "lighteval"):
+    def __init__(self, timeout_s: float = 5.0, num_workers: int | None = None, protocol: str = "lighteval",
+                 memory_limit_mb: int | None = None):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
+        if memory_limit_mb is None:
+            memory_limit_mb = memory_limit_from_env()
+        if memory_limit_mb < 0:
+            raise ValueError(f"memory_limit_mb must be >= 0 (got {memory_limit_mb})")
+        self.memory_limit_mb = int(memory_limit_mb)
         self.protocol = protocol
         self.timeout_s = float(timeout_s)
         self.hard_timeout_s = self.timeout_s + _KILL_MARGIN_S
@@ -319,7 +385,7 @@ class Grader:
         if not golds:
             return
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.memory_limit_mb))
         pending = deque(range(len(golds)))
         start_failures = 0
 
@@ -332,7 +398,7 @@ class Grader:
                 results[worker.item] = GradeResult(False, status)
             elif not worker.ready:
                 start_failures += 1
-            self._workers[self._workers.index(worker)] = _Worker(self._ctx)
+            self._workers[self._workers.index(worker)] = _Worker(self._ctx, self.memory_limit_mb)
 
         while pending or any(w.item is not None for w in self._workers):
             if start_failures >= _MAX_START_FAILURES:  # workers cannot start: give up, don't hang
@@ -372,6 +438,22 @@ class Grader:
             except Exception:
                 pass
         self._workers = []
+
+
+def memory_limit_from_env() -> int:
+    """The per-worker memory cap in MiB: ``$AAPO_GRADER_MEMORY_MB`` if set, else 1024 (0: none)."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MEMORY_LIMIT_MB
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise AapoError(f"{MEMORY_LIMIT_ENV}={raw!r} is not a whole number of MiB >= 0; set it to e.g. 2048 "
+                        f"(0 switches the grader's memory cap off) or unset it for the default "
+                        f"{DEFAULT_MEMORY_LIMIT_MB}")
+    return value
 
 
 _shared: dict[str, Grader] = {}

@@ -8,7 +8,9 @@ a normalisation that loses information, or an extraction that misses the box sho
 
 import pytest
 
-from aapo_app.answers import extract_answer, last_boxed, math_equal, parse_number, strip_string
+from aapo_app import answers
+from aapo_app.answers import (base_number, braces_balanced, extract_answer, last_boxed, math_equal, parse_number,
+                              strip_string)
 from aapo_app.benchmarks import BENCHMARK_ORDER, load_benchmark, normalize_gold, parse_benchmark_names
 from aapo_app.errors import AapoError
 from aapo_app.grader import Grader
@@ -25,9 +27,19 @@ CASES = [
     ("27.0", "\\boxed{27}", True, True),  # AMC23 golds are floats
     ("25", "\\boxed{025}", True, True),  # AIME answers may be written zero-padded
     ("1000", "\\boxed{1,000}", True, True),
+    ("1,000", "\\boxed{1000}", True, True),  # a thousands separator in the gold
+    ("0,111", "\\boxed{111}", False, False),  # not a thousands separator: a list (or a decimal comma)
+    # numbers in a base: digits and base, never the numeric tolerance (1112112 is within 1e-4 of 1112122)
+    ("1112122_3", "\\boxed{1112112_3}", False, False),
+    ("1112122_3", "\\boxed{1112122_3}", True, True),
+    ("1010_2", "\\boxed{1010_{2}}", True, True),
+    ("1010_2", "\\boxed{1010}", True, True),  # the digits asked for, base left out
+    ("1010_2", "\\boxed{10}", False, False),  # the decimal value is not the base-2 answer
     # units, degrees, percent, currency
     ("5", "\\boxed{5\\text{ cm}}", True, True),
     ("12", "\\boxed{12 \\text{ inches}}", True, True),
+    ("5", "\\boxed{5\\textnormal{ cm}}", True, True),
+    ("12", "\\boxed{12 \\textnormal{inches}}", True, True),
     ("90", "\\boxed{90^\\circ}", True, True),
     ("50", "\\boxed{50\\%}", True, True),
     # 50% against 0.5: math-verify reads 50\% as 1/2; simplerl strips "%" and accepts 100x the gold
@@ -104,6 +116,11 @@ def test_normalisation_rules():
     assert strip_string("\\sqrt3") == "\\sqrt{3}"
     assert strip_string("5 \\text{ cm}^2") == "5"
     assert strip_string("\\text{Evelyn}") == "Evelyn"  # text that is the answer stays
+    assert strip_string("5\\textnormal{ cm}") == "5"  # \\textnormal units go like \\text ones
+    assert strip_string("5 \\textnormal{ cm}^2") == "5"
+    assert strip_string("\\textnormal{Evelyn}") == "Evelyn"
+    assert strip_string("0,111") == "0,111"  # a leading group 0 is no thousands separator
+    assert strip_string("-12,345.5") == "-12345.5"
 
 
 def test_numbers_and_tolerance():
@@ -114,6 +131,58 @@ def test_numbers_and_tolerance():
     # relative tolerance 1e-4: 1.00009 is within 9e-5 of 1, 1.0002 is 2e-4 away
     assert math_equal("1.00009", "1") and not math_equal("1.0002", "1")
     assert not math_equal("50", "0.5", include_percentage=False)
+
+
+def test_thousands_separators():
+    assert parse_number("1,000") == 1000.0 and parse_number("12,345,678") == 12345678.0
+    assert parse_number("0,111") is None and parse_number("01,000") is None  # not thousands separators
+    assert parse_number("1,00") is None and parse_number("1,0000") is None  # groups of three digits only
+    assert math_equal("1000", strip_string("1,000")) and math_equal("1,000", "1000")
+    assert not math_equal("111", strip_string("0,111")) and not math_equal("0.111", strip_string("0,111"))
+    assert math_equal("0,111", strip_string("0,111"))
+
+
+def test_numbers_in_a_base():
+    assert base_number("1112122_3") == ("1112122", 3)
+    assert base_number("10_{2}") == ("10", 2) and base_number("0a3_{16}") == ("A3", 16)
+    assert base_number("x_1") is None and base_number("a_2") is None  # subscripted variables
+    assert base_number("12_2") is None and base_number("10_{2") is None  # a digit too large, unbalanced
+    assert not math_equal("1112112_3", "1112122_3")  # one digit off: never within a tolerance
+    assert not math_equal("1112122_4", "1112122_3")  # same digits, another base
+    assert math_equal("1112122_{3}", "1112122_3") and math_equal("a3_{16}", "A3_{16}")
+    assert math_equal("1112122", "1112122_3") and not math_equal("1112112", "1112122_3")
+    assert not math_equal("1112122.0001", "1112122_3") and not math_equal("(1,2)", "1112122_3")
+    assert math_equal("(10_2,11_2)", "(10_2,11_2)") and not math_equal("(10_2,11_2)", "(10_2,10_2)")
+
+
+def test_braces_balanced():
+    assert braces_balanced("\\frac{1}{2}") and braces_balanced("\\{1,2\\}") and braces_balanced("7")
+    assert not braces_balanced("\\frac{1}{2") and not braces_balanced("}{") and not braces_balanced("\\{1,2\\}}")
+
+
+def test_memory_error_is_not_swallowed(monkeypatch):
+    """Under the grader's memory cap a MemoryError must reach the worker (scored as an error), not
+    read as "not equal"; other errors still mean "not equal by this step"."""
+    import sympy
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(answers, "_to_sympy", out_of_memory)
+    with pytest.raises(MemoryError):
+        answers.symbolic_equal("x", "y")
+    with pytest.raises(MemoryError):
+        math_equal("10^{10^{10^{11}}}", "10^{10^{10^{10}}}")
+    monkeypatch.undo()
+    monkeypatch.setattr(sympy, "simplify", out_of_memory)
+    with pytest.raises(MemoryError):
+        answers.symbolic_equal("x^2-1", "(x-1)(x+1)")
+
+    def broken(*args, **kwargs):
+        raise ValueError("unparseable")
+
+    monkeypatch.setattr(answers, "_to_sympy", broken)
+    assert answers.symbolic_equal("x", "x+1") is False
 
 
 def test_gold_normalisation():

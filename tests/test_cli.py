@@ -238,3 +238,44 @@ def test_check_config_accepts_the_recipes_offline(shared_dir):
     # a batch that does not divide the world's arithmetic is caught by the same checks
     code, output, _ = run_cli(["check-config", "rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
     assert code == 2 and "train.micro_batch_size=5 does not divide" in output
+
+
+def _grade_json(args):
+    code, output, exc = run_cli(["grade", "--json", *args])
+    assert code == 0, (args, output, exc)
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_grade_negative_answers():
+    """Answers beginning with '-' are arguments, not options: `aapo grade -5 '\\boxed{-5}'`."""
+    assert _grade_json(["-5", "\\boxed{-5}"])["correct"] is True
+    assert _grade_json(["-5", "\\boxed{5}"])["correct"] is False
+    assert _grade_json(["5", "-5"])["correct"] is False  # a negative prediction
+    assert _grade_json(["-\\frac{1}{2}", "-0.5", "--protocol", "simplerl"]) == {
+        "protocol": "simplerl", "gold": "-\\frac{1}{2}", "predicted": "-0.5", "correct": True, "status": "ok"}
+    # letters of real short options inside an answer do not trigger them (-h is --help); an answer
+    # that is exactly an option's name goes after "--"
+    assert _grade_json(["-h^2", "\\boxed{-h^2}", "--protocol=simplerl"])["correct"] is True
+    assert _grade_json(["--protocol=simplerl", "--", "-h", "\\boxed{-h}"])["correct"] is True
+    # the real options still work, before, between and after the arguments, and "--" still ends options
+    assert _grade_json(["--protocol", "simplerl", "-5", "--timeout", "5", "\\boxed{-5}"])["protocol"] == "simplerl"
+    assert _grade_json(["--", "-5", "\\boxed{-5}"])["correct"] is True
+    code, output, _ = run_cli(["grade", "-5", "\\boxed{-5}"])
+    assert code == 0 and "verdict:   correct (status ok)" in output
+    code, output, _ = run_cli(["grade", "-h"])
+    assert code == 0 and "Usage:" in output and "--protocol" in output
+    code, output, _ = run_cli(["grade", "-5", "-5", "--protocol", "nope"])
+    assert code == 2 and "'nope' is not one of" in output
+
+
+def test_grade_malformed_gold_reports_error():
+    for protocol in ("lighteval", "simplerl"):
+        out = _grade_json(["\\frac{1}{2", "\\boxed{0.5}", "--protocol", protocol])
+        assert (out["correct"], out["status"]) == (False, "error"), out
+    code, output, _ = run_cli(["grade", "\\frac{1}{2", "\\boxed{0.5}"])
+    assert code == 0 and "verdict:   wrong (status error)" in output
+
+
+def test_grade_bad_timeout_one_line():
+    assert_one_line_error(["grade", "1", "\\boxed{1}", "--timeout", "0"], ["--timeout", "> 0"])
+    assert_one_line_error(["grade", "1", "\\boxed{1}", "--timeout", "-3"], ["--timeout", "> 0"])

@@ -1,11 +1,16 @@
-"""The shared answer grader: math-verify verdicts, time bounds, worker kills, threads."""
+"""The shared answer grader: math-verify verdicts, time and memory bounds, worker kills, threads."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from aapo_app import grader as grader_module
+from aapo_app.errors import AapoError
 from aapo_app.grader import GradeResult, Grader
 
 TIMEOUT_S = 2.0
@@ -145,10 +150,98 @@ def test_restarts_after_close(grader):
 
 
 def test_no_crash_when_workers_cannot_start(monkeypatch):
-    def cannot_start(ctx):
+    def cannot_start(ctx, *args):
         raise OSError("no processes here")
 
     monkeypatch.setattr(grader_module, "_Worker", cannot_start)
     g = Grader(num_workers=1)
     assert g.grade_many(["7", "8"], ["\\boxed{7}", "\\boxed{8}"]) == [GradeResult(False, "error")] * 2
     assert g.stats["error"] == 2
+
+
+@pytest.mark.parametrize("protocol", ["lighteval", "simplerl"])
+def test_malformed_gold_is_an_error(protocol):
+    """A gold whose braces do not pair up is a broken reference: status "error", counted, never "ok"."""
+    with Grader(timeout_s=TIMEOUT_S, num_workers=1, protocol=protocol) as g:
+        for prediction in ["\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}"]:
+            result = g.grade("\\frac{1}{2", prediction)
+            assert (result.correct, result.status, result.gold) == (False, "error", "\\frac{1}{2"), prediction
+        assert g.stats["error"] == 3
+        # set braces are escaped, not counted: a well-formed set gold still grades
+        result = g.grade("\\{1,2\\}", "\\boxed{\\{1,2\\}}")
+        assert (result.correct, result.status) == (True, "ok")
+
+
+# Run in a fresh interpreter: RUSAGE_CHILDREN then holds only this grader's worker, whose peak
+# resident memory is the figure to bound (a worker of the pytest process would share its maximum
+# with every other child the session ever waited for).
+_MEMORY_SCRIPT = """
+import json, resource, sys, time
+from aapo_app.grader import Grader
+start = time.monotonic()
+with Grader(timeout_s=5.0, num_workers=1, protocol=sys.argv[1]) as g:
+    result = g.grade("10^{10^{10^{10}}}", "\\\\boxed{10^{10^{10^{11}}}}")
+    stats = dict(g.stats)
+    limit = getattr(g, "memory_limit_mb", 1024)  # (read this way, the script also runs on a grader without a cap)
+print(json.dumps({"correct": result.correct, "status": result.status, "seconds": time.monotonic() - start,
+                  "stats": stats, "limit_mb": limit,
+                  "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def _grade_in_fresh_process(protocol, env=None):
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, protocol], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_simplerl_memory_is_bounded():
+    """10^{10^{10^{11}}} against 10^{10^{10^{10}}}: without a memory cap the simplerl worker grew to
+    ~4 GB before the time bound killed it. Under the default cap (1024 MiB beyond the worker's
+    start-up size) sympy's allocation fails at once: a 0 verdict, status "error" (counted), in
+    bounded time and memory."""
+    env = {k: v for k, v in os.environ.items() if k != "AAPO_GRADER_MEMORY_MB"}  # the default cap
+    out = _grade_in_fresh_process("simplerl", env)
+    assert out["limit_mb"] == 1024
+    assert (out["correct"], out["status"]) == (False, "error"), out
+    assert out["stats"]["error"] == 1 and out["stats"]["timeout"] == 0, out
+    assert out["seconds"] < 60, out  # worker start-up included; the item itself fails fast
+    assert out["worker_peak_mb"] < out["limit_mb"] + 512, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_lighteval_memory_is_bounded():
+    """The same pair under math-verify (which bounds it by time alone, as before): a 0 verdict
+    within the time bound, and memory stays bounded."""
+    out = _grade_in_fresh_process("lighteval")
+    assert out["correct"] is False and out["status"] in ("timeout", "error"), out
+    assert out["seconds"] < 60, out
+    assert out["worker_peak_mb"] < out["limit_mb"] + 512, out
+
+
+def test_memory_limit_setting(monkeypatch):
+    monkeypatch.delenv(grader_module.MEMORY_LIMIT_ENV, raising=False)
+    assert Grader().memory_limit_mb == 1024
+    monkeypatch.setenv(grader_module.MEMORY_LIMIT_ENV, "2048")
+    assert Grader().memory_limit_mb == 2048
+    assert Grader(memory_limit_mb=512).memory_limit_mb == 512  # the argument wins over the environment
+    monkeypatch.setenv(grader_module.MEMORY_LIMIT_ENV, "0")
+    assert Grader().memory_limit_mb == 0  # no cap
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv(grader_module.MEMORY_LIMIT_ENV, bad)
+        with pytest.raises(AapoError, match="AAPO_GRADER_MEMORY_MB.*e.g. 2048"):
+            Grader()
+    with pytest.raises(ValueError, match="memory_limit_mb"):
+        Grader(memory_limit_mb=-1)
+
+
+def test_memory_error_in_a_worker_scores_error():
+    """A small cap: an answer whose value needs more memory than the cap scores "error" and is
+    counted; the worker keeps grading afterwards."""
+    with Grader(timeout_s=5.0, num_workers=1, protocol="simplerl", memory_limit_mb=64) as g:
+        result = g.grade("1", "\\boxed{2^{2^{30}}}")  # a 128 MiB integer
+        assert (result.correct, result.status) == (False, "error")
+        assert g.stats["error"] == 1
+        assert g.grade("7", "\\boxed{7}").correct
