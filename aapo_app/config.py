@@ -138,16 +138,27 @@ class RolloutConfig:
             raise AapoError("rollout.backend=vllm generates outside DeepSpeed: rollout.gather=layerwise and "
                             "rollout.deepspeed_hybrid_engine do not apply; remove them")
         if self.vllm_mode == "server":
+            from aapo_app.vllm_engine import server_endpoint
+
+            endpoints = {}
             for name in ("vllm_server_url", "vllm_reference_url"):
                 url = getattr(self, name)
                 if url and not url.startswith(("http://", "https://")):
                     raise AapoError(f"rollout.{name} must be an http(s):// URL (got '{url}')")
+                try:
+                    endpoints[name] = server_endpoint(url) if url else None
+                except ValueError:
+                    raise AapoError(f"rollout.{name} must be http(s)://HOST:PORT with a port number from 1 to 65535 "
+                                    f"(got '{url}')") from None
             if not self.vllm_server_url:
                 raise AapoError("rollout.vllm_mode=server needs rollout.vllm_server_url=http://HOST:PORT of a "
                                 "running `vllm serve` (README 'vLLM rollouts')")
-            if self.vllm_reference_url.rstrip("/") == self.vllm_server_url.rstrip("/"):
-                raise AapoError("rollout.vllm_reference_url is the policy's server: the reference group would be "
-                                "sampled from the trained weights; start a second server with the reference model")
+            # by host, port and path, every spelling of this machine as one (localhost, 127.0.0.1, ::1, ...); the
+            # addresses they resolve to and what the servers compute are compared when they are reached
+            if endpoints["vllm_reference_url"] == endpoints["vllm_server_url"]:
+                raise AapoError("rollout.vllm_reference_url is the policy's server (same host and port as "
+                                "rollout.vllm_server_url): the reference group would be sampled from the trained "
+                                "weights; start a second server with the reference model and give its URL")
 
 
 @dataclass

@@ -139,6 +139,8 @@ class SharedView:
         with torch.device("meta"):
             self.module = AutoModelForCausalLM.from_config(source.config)
         self.module.eval()
+        # kept so that save_pretrained writes the model's generation_config.json into checkpoints;
+        # generate never reads it (aapo_app.rollout.generate_in_mode passes our settings only)
         self.module.generation_config = source.generation_config
         self._source = source
 

@@ -14,12 +14,19 @@ decides them:
 Records are keyed by a digest of the rendered prompt text, so any data source works. Each rank
 appends to its own ``part-<rank>.jsonl``; a killed build is resumed by skipping the keys already
 written (by any rank).
+
+Where the samples came from is recorded beside the fingerprint (it does not decide the samples'
+distribution, so a cache built on one backend serves runs on another): every record has a
+``source`` (``deepspeed-reference``, ``vllm-colocated-reference`` or ``vllm-server:<url>``) and the
+manifest lists each build's source with its probe (:mod:`aapo_app.vllm_engine`). In server mode a
+cache is only ever sampled from ``rollout.vllm_reference_url``, never from the policy's server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,15 +186,62 @@ def drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def check_server_source(cfg) -> None:
+    """In server mode a cache is sampled from the reference server, never from the policy's: that
+    one may hold weights a training run pushed into it, while the fingerprint names the base
+    weights. The two URLs are compared by the addresses they reach, not by their text."""
+    from aapo_app.vllm_engine import same_server
+
+    r = cfg.rollout
+    if r.backend != "vllm" or r.vllm_mode != "server":
+        return
+    if not r.vllm_reference_url:
+        raise AapoError("rollout.vllm_reference_url: aapo reference-rollouts in server mode samples from a "
+                        "reference server only, never from the policy's (rollout.vllm_server_url may hold trained "
+                        "weights); start a `vllm serve` with model.path and give its URL, or use "
+                        "rollout.vllm_mode=colocate or rollout.backend=deepspeed")
+    where = same_server(r.vllm_reference_url, r.vllm_server_url) if r.vllm_server_url else ""
+    if where:
+        raise AapoError(f"rollout.vllm_reference_url reaches the policy's server ({where}, as rollout.vllm_server_url "
+                        f"does): a reference cache must not be sampled from it; start a `vllm serve` of its own with "
+                        f"model.path and give its URL")
+
+
+def sample_source(reference) -> dict:
+    """Where a cache's samples come from: the engine's source name and, for vLLM engines, the first
+    values of its probe (weights for a colocated engine, greedy log-probs for a server). Collective."""
+    if not getattr(reference, "is_vllm", False):
+        return {"source": "deepspeed-reference"}
+    probe = reference.probe()
+    return {"source": reference.source,
+            "probe": {name: [round(float(x), 6) for x in values.reshape(-1)[:8]] for name, values in probe.items()}}
+
+
+def record_source(cache_dir: Path, source: dict) -> None:
+    """Add a build's source to the manifest's ``sources`` (once; written atomically)."""
+    path = Path(cache_dir) / MANIFEST
+    manifest = read_manifest(cache_dir) or {}
+    sources = manifest.setdefault("sources", [])
+    if source in sources:
+        return
+    sources.append(source)
+    tmp = path.with_name(MANIFEST + ".tmp")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise AapoError(f"--out: cannot write to '{cache_dir}' ({exc.strerror}); choose a writable directory") from exc
+
+
 def _vllm_reference(cfg, model_path: str, rank: int, per_batch: int):
-    """The vLLM engine that samples the cache: the reference server, or one colocated engine per rank."""
+    """The vLLM engine that samples the cache: the reference server (:func:`check_server_source`), or
+    one colocated engine per rank."""
     from aapo_app.rollout import stream_seed
     from aapo_app.vllm_engine import ColocatedVLLM, ServerVLLM
 
     r = cfg.rollout
     if r.vllm_mode == "server":
-        return ServerVLLM(r.vllm_reference_url or r.vllm_server_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s,
-                          role="reference")
+        return ServerVLLM(r.vllm_reference_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s, role="reference")
     return ColocatedVLLM(model_path, seed=stream_seed(cfg.train.seed, "vllm-reference", rank), sleep_level=0,
                          gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=None,
                          max_num_seqs=r.vllm_max_num_seqs or per_batch * r.group_size, dtype=r.vllm_dtype,
@@ -201,7 +255,8 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     that runs with any of those seeds find their prompts.
 
     ``rollout.backend`` chooses the sampler: the DeepSpeed engine, or vLLM (a colocated engine
-    per rank, or the server at ``rollout.vllm_reference_url``, else ``rollout.vllm_server_url``).
+    per rank, or the server at ``rollout.vllm_reference_url``; never the policy's server). Each
+    record, and the manifest's ``sources``, say which (:func:`sample_source`).
 
     Data-parallel: each rank takes every world-th missing prompt and appends to ``part-<rank>.jsonl``
     (collective: all ranks run the same number of batches; a rank out of prompts samples a dummy
@@ -220,6 +275,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     ds = fill_ds_config(read_ds_config(ds_config, DEFAULT_REFERENCE_CONFIG, option="--ds-config"), cfg,
                         launched_world_size(), training=False)
     resolve_model_path(cfg.model.path, convert=False)
+    check_server_source(cfg)
     if cfg.rollout.backend == "vllm":
         from aapo_app.vllm_engine import check_vllm
 
@@ -269,6 +325,9 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     else:
         reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
         eos_ids = eos_token_ids(tok, reference.module)
+    source = sample_source(reference)
+    if todo:
+        on_rank0(lambda: record_source(out, source))
     rewards = run_reward_model(cfg.rewards)
     bar = tqdm(total=len(todo), desc="reference rollouts", unit="prompt", disable=rank != 0 or not todo)
     try:
@@ -291,6 +350,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
                         rows = range(i * G, (i + 1) * G)
                         f.write(json.dumps({
                             "key": key, "prompt_id": ex.id, "problem": ex.problem, "answer": ex.answer,
+                            "source": source["source"],
                             "completions": [s.texts[j] for j in rows],
                             "completion_ids": [completion[j, :int(s.lengths[j])].tolist() for j in rows],
                             "lengths": [int(s.lengths[j]) for j in rows],

@@ -6,6 +6,7 @@ and a completion that reaches ``max_new_tokens`` without EOS is marked truncated
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 
@@ -81,17 +82,64 @@ def finish_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     )
 
 
+# Every ``GenerationConfig`` field that changes which token ``generate`` picks (or how many rows it
+# returns), at its neutral value: None where None means "off". Nothing else may reach ``generate``:
+# the model's own generation_config.json (an instruct model's repetition_penalty, top_k=50,
+# no_repeat_ngram_size, min_new_tokens, ...) would otherwise be merged into our sampling settings,
+# and the samples would no longer follow softmax(logits / T), the distribution the loss scores.
+# (min_new_tokens stays None: set beside min_length=0 it logs a warning at every call.)
+NEUTRAL_GENERATION = dict(
+    num_beams=1, num_beam_groups=1, diversity_penalty=0.0, length_penalty=1.0, early_stopping=False,
+    penalty_alpha=None, dola_layers=None, low_memory=None, constraints=None, force_words_ids=None,
+    min_length=0, min_new_tokens=None, max_length=None, max_time=None, stop_strings=None,
+    typical_p=1.0, min_p=None, top_h=None, epsilon_cutoff=0.0, eta_cutoff=0.0,
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None,
+    forced_bos_token_id=None, forced_eos_token_id=None, exponential_decay_length_penalty=None,
+    guidance_scale=None, watermarking_config=None, renormalize_logits=False, remove_invalid_values=False,
+    token_healing=False, prompt_lookup_num_tokens=None, num_return_sequences=1,
+    output_scores=False, output_logits=False, return_dict_in_generate=False,
+)
+
+
+def generation_config(*, pad_id: int, max_new_tokens: int, temperature: float | None, top_p: float = 1.0,
+                      top_k: int = 0, eos_ids: list[int]):
+    """The ``GenerationConfig`` of every ``generate`` call (``rollout.sampler=hf``, layer-wise and
+    hybrid-engine generation, ``aapo eval --sampler hf``): sampling at ``temperature`` with our
+    top-p and top-k (0 = off), or greedy when ``temperature`` is None, and every other setting
+    that changes the distribution explicitly neutral (:data:`NEUTRAL_GENERATION`).
+    :func:`generate_in_mode` also keeps the model's own generation config out of the call."""
+    from transformers import GenerationConfig
+
+    if temperature is None:  # greedy: no warper runs (top_k left unset: any value but 50 logs a warning)
+        sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
+    else:  # top_k=0 is off; None would let generate fill in its global default of 50
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    return GenerationConfig(**NEUTRAL_GENERATION, **sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                            eos_token_id=list(eos_ids), use_cache=True)
+
+
 def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float | None, top_p: float = 1.0,
                       top_k: int = 0, eos_ids: list[int], synced_gpus: bool = False) -> dict:
-    """``generate`` keyword arguments: sampling at ``temperature``, or greedy when it is None."""
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-                  synced_gpus=synced_gpus, use_cache=True)
-    if temperature is None:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        # top_k=0 switches top-k off; None would let generate fill in its global default of 50
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    return kwargs
+    """``generate`` keyword arguments: our :func:`generation_config` and ``synced_gpus``."""
+    return dict(generation_config=generation_config(pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                                    eos_ids=eos_ids),
+                synced_gpus=synced_gpus)
+
+
+@contextlib.contextmanager
+def only_these_settings(gen, config):
+    """``gen.generation_config`` is ``config`` while inside: ``generate`` fills every setting a passed
+    config leaves unset (None) from the model's own generation config (and transformers 4.50+
+    also overrides values equal to its global defaults with it), so the model's file must not be
+    there to be read."""
+    own = gen.generation_config
+    gen.generation_config = config
+    try:
+        yield
+    finally:
+        gen.generation_config = own
 
 
 def _non_finite():
@@ -124,24 +172,27 @@ def _pad_together(pieces: list[torch.Tensor], pad_id: int, dtype) -> torch.Tenso
 def generate_in_mode(gen, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *, seed: int, chunk: int,
                      kwargs: dict, eos_ids: list[int]) -> Samples:
     """Generate from rows ``[N, T_p]`` with HF ``generate`` on a module already in generation mode,
-    ``chunk`` rows per call."""
+    ``chunk`` rows per call, with :func:`generation_kwargs` (``kwargs``) and nothing from the model's
+    own generation config."""
     from aapo_app.engine import device
 
     dev = device()
     pieces = []
+    config = kwargs["generation_config"]
     torch.manual_seed(seed)
-    for start in range(0, ids.shape[0], chunk or ids.shape[0]):
-        stop = start + (chunk or ids.shape[0])
-        try:
-            out = gen.generate(input_ids=ids[start:stop].to(dev), attention_mask=mask[start:stop].long().to(dev),
-                               **kwargs)
-        except RuntimeError as exc:
-            if "probability tensor contains" not in str(exc):
-                raise
-            raise _non_finite() from exc
-        pieces.append(out[:, ids.shape[1]:].cpu())
+    with only_these_settings(gen, config):
+        for start in range(0, ids.shape[0], chunk or ids.shape[0]):
+            stop = start + (chunk or ids.shape[0])
+            try:
+                out = gen.generate(input_ids=ids[start:stop].to(dev), attention_mask=mask[start:stop].long().to(dev),
+                                   **kwargs)
+            except RuntimeError as exc:
+                if "probability tensor contains" not in str(exc):
+                    raise
+                raise _non_finite() from exc
+            pieces.append(out[:, ids.shape[1]:].cpu())
     completion = _pad_together(pieces, tokenizer.pad_token_id, ids.dtype)
-    return finish_samples(tokenizer, ids, mask, completion, eos_ids, kwargs["max_new_tokens"])
+    return finish_samples(tokenizer, ids, mask, completion, eos_ids, config.max_new_tokens)
 
 
 @torch.no_grad()

@@ -19,15 +19,19 @@ group, the reference group and the held-out evaluation. Two layouts (README "vLL
     rank over HTTP; rank 0 streams the gathered weights to it over NCCL through TRL's
     ``VLLMClient`` (``pip install 'aapo[vllm-server]'``). The reference group comes from a second
     server that holds the reference weights (``rollout.vllm_reference_url``) or from a reference
-    cache.
+    cache. The two servers are told apart by where they are (resolved addresses) and by what they
+    compute (:func:`check_engines_apart`, :func:`verify_apart_by_test_push`), not by URL text.
 
 Written against vLLM's source (0.10 to 0.33; see the README for what was and was not run on a GPU).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import torch
 
@@ -38,6 +42,18 @@ from aapo_app.errors import AapoError
 PROBE_PARAMS = ("model.norm.weight", "model.layers.0.input_layernorm.weight",
                 "model.layers.0.post_attention_layernorm.weight")
 PROBE_ELEMENTS = 256
+# a server's weights cannot be read: its probe is its greedy completion of a fixed prompt (token ids
+# every vocabulary has) and that completion's log-probs
+PROBE_PROMPT = list(range(100, 116))
+PROBE_NEW_TOKENS = 8
+PROBE_TOP = 5  # log-probs of the 5 most likely tokens at each position, to tell a broken tie
+# log-prob differences a server may show without a weight change: the same server asked twice
+# (prefix cache or not: bf16 logits move by an ulp), and two servers holding the same weights on
+# other GPUs / parallel layouts
+SERVER_PROBE_TOLERANCE = 0.1
+SERVER_CROSS_TOLERANCE = 0.25
+# the parameter the start-up test push negates (every logit changes sign: the greedy probe changes)
+TEST_PUSH_PARAM = "model.norm.weight"
 
 
 def check_vllm(field_name: str = "rollout.backend=vllm", fallback: str = "rollout.backend=deepspeed") -> None:
@@ -49,6 +65,91 @@ def check_vllm(field_name: str = "rollout.backend=vllm", fallback: str = "rollou
                         f"or use {fallback}")
     if not torch.cuda.is_available():
         raise AapoError(f"{field_name} needs a CUDA GPU; use {fallback} on this machine")
+
+
+# --------------------------------------------------------------------------- server addresses
+
+THIS_HOST = "this-host"
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def _is_this_host(host: str) -> bool:
+    """A host name or address that always means this machine (no name lookup)."""
+    host = host.lower().strip("[]")
+    if host in _LOOPBACK_NAMES or host in (socket.gethostname().lower(), ""):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def server_endpoint(url: str) -> tuple[str, int, str]:
+    """``(host, port, path)`` of a server URL without any name lookup: the host lower-cased, the
+    scheme's port filled in, every spelling of this machine (localhost, 127.x, ::1, 0.0.0.0, its
+    host name) as one, the path without its trailing '/'. Raises ValueError for a URL with no host
+    or a bad port."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)  # .port raises ValueError when bad
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"no host in '{url}'")
+    return (THIS_HOST if _is_this_host(host) else host), port, parts.path.rstrip("/")
+
+
+def _is_host_name(host: str) -> bool:
+    if host == THIS_HOST:
+        return False
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return False
+    except ValueError:
+        return True
+
+
+def _this_hosts_addresses() -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return set()
+
+
+def server_addresses(url: str) -> set[tuple[str, int]]:
+    """Every ``(address, port)`` a server URL can connect to (``socket.getaddrinfo``), with this
+    machine's own addresses as one; :func:`server_endpoint` alone when the name does not resolve
+    (the connection itself then reports it)."""
+    host, port, _ = server_endpoint(url)
+    if host == THIS_HOST:
+        return {(THIS_HOST, port)}
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return {(host, port)}
+    own = _this_hosts_addresses()
+    found = set()
+    for info in infos:
+        address = str(info[4][0]).split("%")[0]
+        found.add((THIS_HOST if address in own or _is_this_host(address) else address, port))
+    return found
+
+
+def same_server(url_a: str, url_b: str) -> str:
+    """Where two server URLs certainly reach one server ('host:port'), else ''. Certain: the same
+    host, port and path (:func:`server_endpoint`), or the same path at an address and port both
+    resolve to (``socket.getaddrinfo``; this machine's addresses as one). Two different host names
+    or paths at one address may be a proxy routing to two servers: the test push decides those
+    (:func:`verify_apart_by_test_push`)."""
+    try:
+        a, b = server_endpoint(url_a), server_endpoint(url_b)
+    except ValueError:  # a malformed URL (the configuration refuses those)
+        return ""
+    if a == b:
+        return f"{a[0]}:{a[1]}{a[2]}"
+    if a[2] != b[2] or (_is_host_name(a[0]) and _is_host_name(b[0])):
+        return ""
+    shared = server_addresses(url_a) & server_addresses(url_b)
+    return ", ".join(f"{h}:{p}" for h, p in sorted(shared))
 
 
 # --------------------------------------------------------------------------- when to push weights
@@ -166,6 +267,44 @@ def compare_probes(found: dict, expected: dict, tolerance: float) -> str:
     return ""
 
 
+PROBE_TOKENS, PROBE_LOGPROBS = "probe greedy token ids", "probe log-probs"
+PROBE_TOP_IDS, PROBE_TOP_LOGPROBS = "probe top token ids", "probe top log-probs"
+
+
+def _broken_tie(found: dict, expected: dict, k: int, tolerance: float) -> bool:
+    """At position k each probe's greedy token is among the other's most likely tokens, within
+    ``tolerance`` of its top log-prob: the same distribution with a near-tie broken differently."""
+    for mine, other in ((found, expected), (expected, found)):
+        if PROBE_TOP_IDS not in mine or k >= mine[PROBE_TOP_IDS].shape[0]:
+            return False
+        ids, logprobs = mine[PROBE_TOP_IDS][k], mine[PROBE_TOP_LOGPROBS][k]
+        hit = (ids == other[PROBE_TOKENS][k]).nonzero()
+        if not hit.numel() or float(logprobs.max() - logprobs[int(hit[0])]) > tolerance:
+            return False
+    return True
+
+
+def compare_greedy_probes(found: dict, expected: dict, tolerance: float) -> str:
+    """:func:`compare_probes` for two greedy probes (:meth:`ServerVLLM.probe`). Equal computations can
+    still flip a greedy token where two tokens are nearly tied (an ulp of a bf16 logit), and the
+    continuations part there. So the tokens' log-probs are compared up to and including the first
+    token that differs, that token must be a broken tie (:func:`_broken_tie`), and what follows is
+    not compared."""
+    a, b = found[PROBE_TOKENS], expected[PROBE_TOKENS]
+    n = min(a.numel(), b.numel())
+    differ = (a[:n] != b[:n]).nonzero()
+    first = int(differ[0]) if differ.numel() else n
+    if PROBE_LOGPROBS in found and PROBE_LOGPROBS in expected:
+        upto = min(first + 1, n)
+        diff = compare_probes({PROBE_LOGPROBS: found[PROBE_LOGPROBS][:upto]},
+                              {PROBE_LOGPROBS: expected[PROBE_LOGPROBS][:upto]}, tolerance)
+        if diff:
+            return diff
+    if first < n and not _broken_tie(found, expected, first, tolerance):
+        return f"the greedy token at position {first} differs ({int(a[first])}, expected {int(b[first])})"
+    return ""
+
+
 def in_dtype(probe: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """The trainer's probe rounded the way vLLM's loader rounds it into a ``dtype`` engine."""
     return {k: v.to(getattr(torch, dtype)).float() for k, v in probe.items()}
@@ -198,6 +337,19 @@ class ColocatedVLLM:
     """
 
     is_vllm = True
+    # probe(): slices of its parameters, comparable with the trainer's; exact within one engine and
+    # between two engines loaded from one checkpoint
+    probe_kind = "weights"
+    probe_tolerance = probe_cross_tolerance = 0.0
+    compare = staticmethod(compare_probes)
+    # the one-line errors of check_engines_apart / check_reference_unchanged
+    shares_message = ("rollout.backend=vllm: the reference engine shares memory with the policy engine; "
+                      "AAPO's reference group would follow the trained weights")
+    differs_message = ("rollout.backend=vllm: the reference and policy engines were built from different "
+                       "weights ({diff}); both must load model.path")
+    changed_message = ("rollout.backend=vllm: the reference engine's weights changed during training ({diff}): "
+                       "it shares the policy engine's weights, and AAPO's reference group would come from the "
+                       "policy; use rollout.reference=cached:DIR or the deepspeed backend")
 
     def __init__(self, model_path: str, *, seed: int, sleep_level: int, gpu_memory_utilization: float,
                  max_model_len: int | None, max_num_seqs: int | None, dtype: str = "auto", role: str = "policy"):
@@ -263,6 +415,14 @@ class ColocatedVLLM:
     def storage_ids(self) -> set[int]:
         return {p.data_ptr() for p in self._model().parameters()}
 
+    def shared_with(self, other) -> str:
+        """'' unless this engine and ``other`` share weight memory."""
+        return "memory" if self.storage_ids() & other.storage_ids() else ""
+
+    @property
+    def source(self) -> str:
+        return f"vllm-colocated-{self.role}"
+
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
                max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
@@ -286,6 +446,21 @@ class ColocatedVLLM:
 
 
 # --------------------------------------------------------------------------- server
+
+
+def _first_numbers(rows) -> list[float]:
+    """The sampled token's log-prob per completion token, from the shapes TRL versions return: a
+    float per token, a list per token (sampled first), or a dict with 'logprob'."""
+    values = []
+    for item in rows or []:
+        while isinstance(item, (list, tuple)) and item:
+            item = item[0]
+        if isinstance(item, dict):
+            item = item.get("logprob", next(iter(item.values()), None))
+        if isinstance(item, (int, float)):
+            values.append(float(item))
+    return values
+
 
 SERVER_MIN_VLLM = (0, 22)  # TRL 1.16's client needs vLLM's weight-transfer endpoints
 
@@ -314,6 +489,22 @@ class ServerVLLM:
 
     is_vllm = True
     sleep_level = 0
+    # probe(): the server's greedy completion of PROBE_PROMPT and its log-probs (its weights cannot
+    # be read from here)
+    probe_kind = "logprobs"
+    probe_tolerance = SERVER_PROBE_TOLERANCE
+    probe_cross_tolerance = SERVER_CROSS_TOLERANCE
+    compare = staticmethod(compare_greedy_probes)
+    shares_message = ("rollout.vllm_reference_url reaches the policy's server ({where}, as rollout.vllm_server_url "
+                      "does): the reference group would be sampled from the trained weights; start a second "
+                      "`vllm serve` with model.path and give its URL")
+    differs_message = ("rollout.vllm_reference_url: the reference server and the policy server compute different "
+                       "log-probs for the same probe before any weight was pushed ({diff}); both must serve "
+                       "model.path (restart a policy server that an earlier run pushed weights into)")
+    changed_message = ("rollout.vllm_reference_url: the reference server's log-probs changed when weights were "
+                       "pushed to the policy server ({diff}): both URLs reach one server (a proxy, another name "
+                       "of the host) or something else writes to it; give the reference a `vllm serve` of its own "
+                       "that holds model.path, or use rollout.reference=cached:DIR")
 
     def __init__(self, url: str, *, push: bool, rank: int, timeout_s: float, role: str = "policy"):
         check_server_client()
@@ -330,7 +521,56 @@ class ServerVLLM:
                             f"(README 'vLLM rollouts')") from exc
         self.pushing = push and rank == 0
         if self.pushing:
-            self.client.init_communicator(device=torch.cuda.current_device())
+            self.client.init_communicator(device=torch.cuda.current_device() if torch.cuda.is_available() else 0)
+
+    @property
+    def source(self) -> str:
+        return f"vllm-server:{self.url}"
+
+    def shared_with(self, other) -> str:
+        """'' unless this server and ``other`` are certainly one server (:func:`same_server`)."""
+        return same_server(self.url, other.url)
+
+    def _generate(self, prompt: list[int], *, n: int, max_new_tokens: int, temperature: float | None, top_p: float,
+                  top_k: int, seed: int, eos_ids: list[int], logprobs: int | None = None) -> dict:
+        """One /generate/ request: ``n`` completions of one prompt (greedy when temperature is None),
+        with only our sampling settings."""
+        greedy = temperature is None
+        return self.client.generate(
+            [prompt], n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+            top_k=0 if greedy else top_k, repetition_penalty=1.0, min_p=0.0, max_tokens=max_new_tokens,
+            logprobs=logprobs, generation_kwargs={"seed": seed, "stop_token_ids": list(eos_ids),
+                                                  "skip_special_tokens": True})
+
+    def _probe_request(self) -> dict[str, torch.Tensor]:
+        try:
+            out = self._generate(PROBE_PROMPT, n=1, max_new_tokens=PROBE_NEW_TOKENS, temperature=None, top_p=1.0,
+                                 top_k=0, seed=0, eos_ids=[], logprobs=PROBE_TOP)
+        except Exception as exc:  # noqa: BLE001 - requests' and TRL's errors, as one line
+            field_name = "rollout.vllm_server_url" if self.role == "policy" else "rollout.vllm_reference_url"
+            raise AapoError(f"{field_name}: the server at {self.url} did not answer the probe request "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check that it "
+                            f"is a running `vllm serve` (README 'vLLM rollouts')") from exc
+        probe = {PROBE_TOKENS: torch.tensor(out["completion_ids"][0], dtype=torch.float64)}
+        rows = (out.get("logprobs") or [None])[0]
+        values = _first_numbers(rows)  # greedy: the sampled token is the most likely one, listed first
+        if values:
+            probe[PROBE_LOGPROBS] = torch.tensor(values, dtype=torch.float64)
+        ids = (out.get("logprob_token_ids") or [None])[0]
+        if ids and rows and all(isinstance(r, (list, tuple)) for r in list(ids) + list(rows)):
+            width = max(len(r) for r in ids)  # ragged rows padded with id -1 at log-prob -1e9
+            probe[PROBE_TOP_IDS] = torch.tensor([list(r) + [-1] * (width - len(r)) for r in ids], dtype=torch.float64)
+            probe[PROBE_TOP_LOGPROBS] = torch.tensor([[float(x) for x in r] + [-1e9] * (width - len(r)) for r in rows],
+                                                     dtype=torch.float64)
+        return probe
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        """The server's greedy completion of :data:`PROBE_PROMPT` and its log-probs, asked by rank 0
+        alone (concurrent requests could be batched differently) and shared with every rank.
+        Collective."""
+        from aapo_app.engine import on_rank0
+
+        return on_rank0(self._probe_request)
 
     def sleep(self) -> None:
         pass
@@ -365,16 +605,12 @@ class ServerVLLM:
 
         from aapo_app.rollout import stream_seed
 
-        greedy = temperature is None
         prompts = prompt_token_lists(prompt_ids, prompt_mask)
 
         def one(i: int) -> list[list[int]]:
-            out = self.client.generate(
-                [prompts[i]], n=num_samples, temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, max_tokens=max_new_tokens,
-                logprobs=None, generation_kwargs={"seed": stream_seed(seed, i), "stop_token_ids": list(eos_ids),
-                                                  "skip_special_tokens": True})
-            return out["completion_ids"]
+            return self._generate(prompts[i], n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=stream_seed(seed, i),
+                                  eos_ids=eos_ids)["completion_ids"]
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(prompts)))) as pool:
             groups = list(pool.map(one, range(len(prompts))))
@@ -423,41 +659,101 @@ class VLLMWeightsError(AapoError):
     """A vLLM engine does not hold the weights it should (the start-up or post-push check)."""
 
 
+def _trait(engine, name: str):
+    """An engine's check setting (probe_kind, tolerances, messages); an engine-like object that does
+    not say has a colocated engine's (its weights are readable)."""
+    return getattr(engine, name, getattr(ColocatedVLLM, name))
+
+
 def push_weights_checked(module, engine, reference_engine=None) -> int:
-    """:func:`push_weights`, then (colocated engines, whose weights this process can read) check that
-    the push landed in the policy engine and that the reference engine still holds the reference
-    weights it was built with. Collective."""
+    """:func:`push_weights`, then check that the push landed in the policy engine (colocated engines,
+    whose weights this process can read) and that the reference engine still computes what it did
+    at start-up (:func:`check_reference_unchanged`). Before the first push to an engine whose
+    weights cannot be read (a server), :func:`verify_apart_by_test_push` proves the reference is
+    not the policy's engine. Collective."""
+    if (reference_engine is not None and _trait(reference_engine, "probe_kind") == "logprobs"
+            and getattr(reference_engine, "reference_probe", None) is not None
+            and not getattr(reference_engine, "apart_verified", False)):
+        verify_apart_by_test_push(module, engine, reference_engine)
     pushed = push_weights(module, engine)
     if not hasattr(engine, "probe"):
         return pushed
-    expected = in_dtype(trainer_probe(module), engine.dtype)
-    diff = compare_probes(engine.probe(), expected, 0.0)
-    if diff:
-        raise VLLMWeightsError(f"rollout.backend=vllm: after the weight push the policy engine does not hold the "
-                               f"trainer's weights ({diff}); this vLLM version's weight loader did not take them: "
-                               f"report it with `pip show vllm`, and use rollout.backend=deepspeed meanwhile")
-    if reference_engine is not None and hasattr(reference_engine, "reference_probe"):
-        diff = compare_probes(reference_engine.probe(), reference_engine.reference_probe, 0.0)
+    if _trait(engine, "probe_kind") == "weights":
+        expected = in_dtype(trainer_probe(module), engine.dtype)
+        diff = compare_probes(engine.probe(), expected, 0.0)
         if diff:
-            raise VLLMWeightsError(f"rollout.backend=vllm: the reference engine's weights changed during training "
-                                   f"({diff}): it shares the policy engine's weights, and AAPO's reference group would "
-                                   f"come from the policy; use rollout.reference=cached:DIR or the deepspeed backend")
+            raise VLLMWeightsError(f"rollout.backend=vllm: after the weight push the policy engine does not hold the "
+                                   f"trainer's weights ({diff}); this vLLM version's weight loader did not take them: "
+                                   f"report it with `pip show vllm`, and use rollout.backend=deepspeed meanwhile")
+    check_reference_unchanged(reference_engine)
     return pushed
 
 
+def check_reference_unchanged(reference) -> None:
+    """After a push to the policy engine: the reference engine's probe must still be the one it gave
+    at start-up (:func:`check_engines_apart`); nothing is ever pushed to it. Collective."""
+    if reference is None or getattr(reference, "reference_probe", None) is None:
+        return
+    diff = _trait(reference, "compare")(reference.probe(), reference.reference_probe,
+                                        _trait(reference, "probe_tolerance"))
+    if diff:
+        raise VLLMWeightsError(_trait(reference, "changed_message").format(diff=diff))
+
+
+def verify_apart_by_test_push(module, policy, reference) -> None:
+    """Two server URLs can reach one server while their addresses differ (a proxy, a port forward,
+    another name of the host), and at start-up both hold the same weights, so their probes agree
+    either way. So, once, right before the first real push: push :data:`TEST_PUSH_PARAM` negated to
+    the policy engine (every logit changes sign: its greedy probe changes completely), then probe
+    both. The policy's probe must have changed (a push takes effect there) and the reference's
+    must not (it is another engine). The real push that follows overwrites the test tensor.
+    Collective (the parameter is gathered from its ZeRO-3 partitions on every rank)."""
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    if TEST_PUSH_PARAM not in params:  # another architecture: the check after every push remains
+        reference.apart_verified = True
+        return
+    param = params[TEST_PUSH_PARAM]
+    before = policy.probe()
+
+    def negated():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            yield TEST_PUSH_PARAM, (-param.data).clone()
+
+    shape = list(getattr(param, "ds_shape", param.shape))
+    policy.load_weights(negated(), [(TEST_PUSH_PARAM, str(param.dtype).replace("torch.", ""), shape)])
+    policy.reset_prefix_cache()
+    check_reference_unchanged(reference)
+    if not _trait(policy, "compare")(policy.probe(), before, _trait(policy, "probe_tolerance")):
+        raise VLLMWeightsError(f"rollout.vllm_server_url: a test push of {TEST_PUSH_PARAM} (negated) did not change "
+                               f"what the policy server computes: weights pushed to it do not take effect; check the "
+                               f"server's weight-transfer setup (README 'vLLM rollouts'), or use "
+                               f"rollout.vllm_mode=colocate")
+    reference.apart_verified = True
+
+
 def check_engines_apart(policy, reference) -> None:
-    """The start-up check: two colocated engines built from the same checkpoint hold the same
-    probe values but in separate memory (so a push into one can never reach the other)."""
+    """The start-up check: the reference engine is not the policy engine (colocated: no shared
+    weight memory; servers: not certainly one server, :func:`same_server`), and both compute the
+    same probe (both start from model.path). The reference's probe is kept for
+    :func:`check_reference_unchanged`. Collective."""
     if reference is None or not hasattr(reference, "probe"):
         return
-    if reference is policy or policy.storage_ids() & reference.storage_ids():
-        raise VLLMWeightsError("rollout.backend=vllm: the reference engine shares memory with the policy engine; "
-                               "AAPO's reference group would follow the trained weights")
-    diff = compare_probes(reference.probe(), policy.probe(), 0.0)
+    if reference is policy:
+        where = "itself"
+    elif hasattr(reference, "shared_with"):
+        where = reference.shared_with(policy)
+    else:  # an engine-like object holding its weights in this process
+        where = "memory" if policy.storage_ids() & reference.storage_ids() else ""
+    if where:
+        raise VLLMWeightsError(_trait(reference, "shares_message").format(where=where))
+    found = reference.probe()
+    tolerance = max(_trait(policy, "probe_cross_tolerance"), _trait(reference, "probe_cross_tolerance"))
+    diff = _trait(reference, "compare")(found, policy.probe(), tolerance)
     if diff:
-        raise VLLMWeightsError(f"rollout.backend=vllm: the reference and policy engines were built from different "
-                               f"weights ({diff}); both must load model.path")
-    reference.reference_probe = reference.probe()
+        raise VLLMWeightsError(_trait(reference, "differs_message").format(diff=diff))
+    reference.reference_probe = found
 
 
 def check_vllm_run(cfg, algorithm) -> None:
@@ -475,12 +771,13 @@ def check_vllm_run(cfg, algorithm) -> None:
 
 def build_engines(r, model_path: str, *, rank: int, seed: int, reference: bool, max_num_seqs: int,
                   max_model_len: int):
-    """The policy's vLLM engine and (when ``reference``) the reference's, per ``rollout.vllm_mode``.
-    Colocated engines are checked apart (:func:`check_engines_apart`). Collective."""
+    """The policy's vLLM engine and (when ``reference``) the reference's, per ``rollout.vllm_mode``,
+    checked apart (:func:`check_engines_apart`). Collective."""
     if r.vllm_mode == "server":
         policy = ServerVLLM(r.vllm_server_url, push=True, rank=rank, timeout_s=r.vllm_timeout_s)
         ref = (ServerVLLM(r.vllm_reference_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s, role="reference")
                if reference else None)
+        check_engines_apart(policy, ref)
         return policy, ref
     common = dict(seed=seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=max_model_len,
                   max_num_seqs=max_num_seqs, dtype=r.vllm_dtype)

@@ -13,6 +13,7 @@ from aapo_app.reference_cache import build, read_records
 from aapo_app.trainer import Trainer
 from helpers import free_port, run
 from test_engine import tiny_overrides, train_run
+from test_vllm import fake_servers, resolving  # noqa: F401 - fixtures
 
 # test_char_length (tests/plugin_rewards.py) is len(completion) / 100; boxed_format is 1 with a \boxed{}
 WEIGHTS = {"accuracy": 0.0, "test_char_length": 1.0, "boxed_format": 0.5}
@@ -36,7 +37,9 @@ def test_cache_holds_every_prompt_with_g_scored_completions(cache):
     assert counts == {"cached_before": 0, "sampled": 10, "total": 10} and len(records) == 10
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["components"]["sampling"]["group_size"] == 4
+    assert manifest["sources"] == [{"source": "deepspeed-reference"}]  # where the samples came from
     for rec in records.values():
+        assert rec["source"] == "deepspeed-reference"
         assert len(rec["completions"]) == len(rec["completion_ids"]) == len(rec["rewards"]) == 4
         assert [len(ids) for ids in rec["completion_ids"]] == rec["lengths"]
         for j in range(4):  # the stored total is the weighted sum of the stored parts
@@ -100,6 +103,44 @@ def test_a_cache_for_other_settings_is_refused(cache, tiny_model_dir, tmp_path):
               log=lambda msg: None)
     with pytest.raises(AapoError, match="is not a reference cache"):
         Trainer(_cfg(tiny_model_dir, tmp_path / "run2", f"rollout.reference=cached:{tmp_path / 'nothing'}"))
+
+
+SERVER = ["rollout.backend=vllm", "rollout.vllm_mode=server", "rollout.vllm_server_url=http://policy-box:8000"]
+
+
+@pytest.mark.parametrize("reference", [None, "http://10.1.2.3:8000"])
+def test_a_server_mode_cache_is_never_sampled_from_the_policys_server(tiny_model_dir, tmp_path, resolving, reference):
+    """No reference server given (the policy's server was the fallback), or one that resolves to the
+    policy's (policy-box is 10.1.2.3): one line naming the field, exit 2, nothing written."""
+    from test_cli import assert_one_line_error
+
+    extra = [f"rollout.vllm_reference_url={reference}"] if reference else []
+    words = ["rollout.vllm_reference_url", "vllm serve"] + (["policy's server"] if reference else [])
+    assert_one_line_error(["reference-rollouts", "--out", str(tmp_path / "cache"),
+                           *tiny_overrides(tiny_model_dir, tmp_path / "unused", *SERVER, *extra)], words)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_server_mode_cache_records_its_reference_server(tiny_model_dir, tmp_path, fake_servers, monkeypatch):
+    """Sampled from the reference server (a fake one at the VLLMClient boundary): every record and
+    the manifest name it, with its probe; the policy's server is never asked."""
+    import aapo_app.vllm_engine as V
+
+    from test_vllm import FakeServer, _tiny_lm
+
+    monkeypatch.setattr(V, "check_vllm", lambda *a, **k: None)
+    fake_servers.update({8000: FakeServer(_tiny_lm(tiny_model_dir)), 8001: FakeServer(_tiny_lm(tiny_model_dir))})
+    url = "http://localhost:8001"
+    cfg = _cfg(tiny_model_dir, tmp_path / "unused", "rollout.backend=vllm", "rollout.vllm_mode=server",
+               "rollout.vllm_server_url=http://localhost:8000", f"rollout.vllm_reference_url={url}")
+    counts = build(cfg, tmp_path / "cache", log=lambda msg: None)
+    records = read_records(tmp_path / "cache")
+    assert counts["sampled"] == 10 and len(records) == 10
+    assert {rec["source"] for rec in records.values()} == {f"vllm-server:{url}"}
+    (source,) = json.loads((tmp_path / "cache" / "manifest.json").read_text())["sources"]
+    assert source["source"] == f"vllm-server:{url}"
+    assert len(source["probe"]["probe greedy token ids"]) == 8 and len(source["probe"]["probe log-probs"]) == 8
+    assert fake_servers[8000].requests == [] and fake_servers[8001].requests
 
 
 @pytest.mark.slow

@@ -142,8 +142,8 @@ def test_preallocated_layer_grows_by_doubling_and_keeps_its_contents():
 
 def test_top_k_zero_reaches_generate_as_off():
     # None would make generate fill in its global default top_k=50 (a silent top-50 truncation)
-    assert generation_kwargs(_Tok(), max_new_tokens=4, temperature=0.7, top_k=0,
-                             eos_ids=[2])["top_k"] == 0
+    config = generation_kwargs(_Tok(), max_new_tokens=4, temperature=0.7, top_k=0, eos_ids=[2])["generation_config"]
+    assert config.top_k == 0 and config.do_sample and config.repetition_penalty == 1.0
 
 
 class _Tok:

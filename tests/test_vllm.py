@@ -43,6 +43,9 @@ def test_vllm_settings_that_contradict_each_other_are_refused():
     with pytest.raises(AapoError, match="is the policy's server"):
         load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server",
                                "rollout.vllm_server_url=http://h:8000", "rollout.vllm_reference_url=http://h:8000/"])
+    with pytest.raises(AapoError, match="port number"):
+        load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server",
+                               "rollout.vllm_server_url=http://h:99999"])
     # the settings are only checked against each other when vLLM is chosen
     assert load_run_config(None, ["rollout.vllm_mode=server"]).rollout.backend == "deepspeed"
 
@@ -71,6 +74,273 @@ def test_a_server_run_for_aapo_needs_a_reference_server_or_a_cache():
         else:
             with pytest.raises(AapoError, match="rollout.backend=vllm"):
                 check_vllm_run(cfg, algorithm)
+
+
+SERVER = ["rollout.backend=vllm", "rollout.vllm_mode=server"]
+
+
+@pytest.mark.parametrize("policy, reference", [
+    ("http://localhost:8000", "http://127.0.0.1:8000"),
+    ("http://localhost:8000/", "http://[::1]:8000"),
+    ("http://LOCALHOST:8000", "http://0.0.0.0:8000"),
+    ("https://gpu-box", "https://GPU-box:443/"),
+])
+def test_spellings_of_one_server_are_one_server_in_the_configuration(policy, reference):
+    with pytest.raises(AapoError, match="rollout.vllm_reference_url is the policy's server"):
+        load_run_config(None, [*SERVER, f"rollout.vllm_server_url={policy}",
+                               f"rollout.vllm_reference_url={reference}"])
+
+
+@pytest.mark.parametrize("policy, reference", [
+    ("http://localhost:8000", "http://localhost:8001"),
+    ("https://gateway/policy", "https://gateway/reference"),  # a proxy routing by path: the servers decide
+    ("http://box-a:8000", "http://box-b:8000"),
+])
+def test_different_servers_pass_the_configuration(policy, reference):
+    cfg = load_run_config(None, [*SERVER, f"rollout.vllm_server_url={policy}",
+                                 f"rollout.vllm_reference_url={reference}"])
+    assert cfg.rollout.vllm_reference_url == reference
+
+
+# --------------------------------------------------------------------------- server mode, faked at the VLLMClient
+
+
+class FakeServer:
+    """A `vllm serve` stand-in: a Hugging Face model answering what ServerVLLM asks TRL's VLLMClient
+    (completions of token-id prompts with the sampled tokens' log-probs, weight pushes)."""
+
+    def __init__(self, model, takes_pushes: bool = True):
+        self.model = model
+        self.takes_pushes = takes_pushes
+        self.pushes = 0
+        self.requests = []
+
+    @torch.no_grad()
+    def generate(self, prompts, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                 max_tokens=16, logprobs=0, generation_kwargs=None):
+        kw = generation_kwargs or {}
+        self.requests.append(dict(repetition_penalty=repetition_penalty, min_p=min_p, top_k=top_k, top_p=top_p))
+        stop = set(kw.get("stop_token_ids", []))
+        completions, logps, logp_ids = [], [], []
+        for prompt in prompts:
+            for j in range(n):
+                gen = torch.Generator().manual_seed(kw.get("seed", 0) + j)
+                seq, ids, lps, top_ids = list(prompt), [], [], []
+                for _ in range(max_tokens):
+                    logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                    if temperature == 0:
+                        token = int(logits.argmax())
+                    else:
+                        token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
+                    seq.append(token)
+                    ids.append(token)
+                    logp = logits.log_softmax(-1)
+                    top = [int(t) for t in logp.topk(max(1, logprobs or 0)).indices if int(t) != token]
+                    chosen = [token] + top[:logprobs or 0]  # TRL: the sampled token, then the most likely
+                    lps.append([float(logp[t]) for t in chosen])
+                    top_ids.append(chosen)
+                    if token in stop:
+                        break
+                completions.append(ids)
+                logps.append(lps)
+                logp_ids.append(top_ids)
+        if logprobs is None:
+            return {"completion_ids": completions, "logprobs": None, "logprob_token_ids": None}
+        return {"completion_ids": completions, "logprobs": logps, "logprob_token_ids": logp_ids}
+
+    def load(self, named_tensors):
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if self.takes_pushes:
+                params[name].data.copy_(tensor)
+        self.pushes += 1
+
+
+class FakeVLLMClient:
+    """TRL's VLLMClient reaching the FakeServer registered for the URL's port (so two spellings of
+    a host, or two ports forwarded to one server, reach one object)."""
+
+    servers: dict = {}
+
+    def __init__(self, base_url, connection_timeout=0.0):
+        from urllib.parse import urlsplit
+
+        port = urlsplit(base_url).port
+        if port not in self.servers:
+            raise ConnectionError(f"nothing at {base_url}")
+        self.server = self.servers[port]
+
+    def generate(self, prompts, **kwargs):
+        return self.server.generate(prompts, **kwargs)
+
+    def init_communicator(self, device):
+        pass
+
+    def weight_update(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def update_named_params(self, metadata, named_tensors):
+        self.server.load(named_tensors)
+
+    def reset_prefix_cache(self):
+        pass
+
+
+@pytest.fixture
+def fake_servers(monkeypatch):
+    """port -> FakeServer: ServerVLLM talks to them through FakeVLLMClient (no TRL, no vLLM)."""
+    import types
+
+    import aapo_app.vllm_engine as V
+
+    module = types.ModuleType("trl.generation.vllm_client")
+    module.VLLMClient = FakeVLLMClient
+    for name, mod in (("trl", types.ModuleType("trl")), ("trl.generation", types.ModuleType("trl.generation")),
+                      ("trl.generation.vllm_client", module)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(V, "check_server_client", lambda: None)
+    monkeypatch.setattr(FakeVLLMClient, "servers", {})
+    return FakeVLLMClient.servers
+
+
+def _tiny_lm(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _server_engines(policy_url, reference_url):
+    from types import SimpleNamespace
+
+    from aapo_app.vllm_engine import build_engines
+
+    r = SimpleNamespace(vllm_mode="server", vllm_server_url=policy_url, vllm_reference_url=reference_url,
+                        vllm_timeout_s=1.0)
+    return build_engines(r, "unused", rank=0, seed=0, reference=True, max_num_seqs=8, max_model_len=64)
+
+
+@pytest.fixture
+def resolving(monkeypatch):
+    """socket.getaddrinfo with 'policy-box' resolving to 10.1.2.3 (a host name and an address of one machine)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "policy-box":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_greedy_probes_tolerate_a_broken_tie_but_not_a_different_model():
+    from aapo_app.vllm_engine import (PROBE_LOGPROBS, PROBE_TOKENS, PROBE_TOP_IDS, PROBE_TOP_LOGPROBS,
+                                      compare_greedy_probes)
+
+    def probe(tokens, logprobs, runner_up):
+        """Greedy tokens with their log-probs, and at each position the runner-up (token, log-prob)."""
+        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+        return {PROBE_TOKENS: t(tokens), PROBE_LOGPROBS: t(logprobs),
+                PROBE_TOP_IDS: t([[a, r[0]] for a, r in zip(tokens, runner_up)]),
+                PROBE_TOP_LOGPROBS: t([[lp, r[1]] for lp, r in zip(logprobs, runner_up)])}
+
+    # at position 1 tokens 6 and 9 are nearly tied (log 1/2 each)
+    start = probe([5, 6, 7, 8], [-0.1, -0.69, -0.2, -0.3], [(1, -3), (9, -0.70), (2, -3), (3, -3)])
+    same = probe([5, 6, 7, 8], [-0.1, -0.70, -0.2, -0.3], [(1, -3), (9, -0.69), (2, -3), (3, -3)])
+    assert compare_greedy_probes(same, start, 0.1) == ""
+    # the tie broken the other way: what follows that token is not compared
+    flipped = probe([5, 9, 1, 2], [-0.1, -0.69, -3.0, -4.0], [(1, -3), (6, -0.70), (3, -3), (4, -4.5)])
+    assert compare_greedy_probes(flipped, start, 0.1) == ""
+    # another model: its token at position 1 is not among the reference's likely ones
+    other = probe([5, 4, 1, 2], [-0.1, -0.69, -3.0, -4.0], [(1, -3), (6, -0.70), (3, -3), (4, -4.5)])
+    assert "greedy token at position 1 differs" in compare_greedy_probes(other, start, 0.1)
+    # same tokens, a log-prob that moved
+    assert "differs by up to" in compare_greedy_probes(
+        probe([5, 6, 7, 8], [-0.1, -0.69, -0.9, -0.3], [(1, -3), (9, -0.70), (2, -3), (3, -3)]), start, 0.1)
+    # without the top tokens (an older client) any changed token counts
+    bare = {k: v for k, v in flipped.items() if k in (PROBE_TOKENS, PROBE_LOGPROBS)}
+    assert compare_greedy_probes(bare, start, 0.1)
+
+
+@pytest.mark.parametrize("policy, reference", [
+    ("http://localhost:8000", "http://127.0.0.1:8000"),  # both spellings of this machine
+    ("http://policy-box:8000", "http://10.1.2.3:8000"),  # a name and the address it resolves to
+])
+def test_two_spellings_of_one_server_are_refused_at_start(fake_servers, resolving, tiny_model_dir, policy, reference):
+    from aapo_app.vllm_engine import VLLMWeightsError
+
+    fake_servers[8000] = FakeServer(_tiny_lm(tiny_model_dir))
+    with pytest.raises(VLLMWeightsError, match="rollout.vllm_reference_url reaches the policy's server"):
+        _server_engines(policy, reference)
+    assert fake_servers[8000].requests == []  # refused by address, before any probe
+
+
+def test_a_reference_server_with_other_weights_is_refused_at_start(fake_servers, tiny_model_dir):
+    from aapo_app.vllm_engine import VLLMWeightsError
+
+    other = _tiny_lm(tiny_model_dir)
+    torch.manual_seed(1)
+    other.lm_head.weight.data.normal_(0, 0.02)
+    fake_servers.update({8000: FakeServer(_tiny_lm(tiny_model_dir)), 8001: FakeServer(other)})
+    with pytest.raises(VLLMWeightsError, match="compute different log-probs for the same probe"):
+        _server_engines("http://localhost:8000", "http://localhost:8001")
+
+
+def _trainer_module(model_dir):
+    """The trainer's weights after an update: the base model with a sharper output layer."""
+    module = _tiny_lm(model_dir)
+    module.lm_head.weight.data.mul_(3.0)
+    return module
+
+
+def test_a_reference_url_forwarded_to_the_policy_server_is_refused_at_the_first_push(fake_servers, tiny_model_dir):
+    """Ports 8000 and 8001 reach one server (a port forward): the addresses differ and both answer
+    the start-up probe alike, so the first push's test push has to catch it."""
+    from aapo_app.vllm_engine import VLLMWeightsError, push_weights_checked
+
+    fake_servers[8000] = fake_servers[8001] = FakeServer(_tiny_lm(tiny_model_dir))
+    policy, reference = _server_engines("http://localhost:8000", "http://localhost:8001")
+    with pytest.raises(VLLMWeightsError, match="rollout.vllm_reference_url: the reference server's log-probs changed"):
+        push_weights_checked(_trainer_module(tiny_model_dir), policy, reference)
+
+
+def test_separate_servers_pass_and_a_reference_that_changes_later_is_refused(fake_servers, tiny_model_dir):
+    from aapo_app.vllm_engine import VLLMWeightsError, push_weights_checked
+
+    base = _tiny_lm(tiny_model_dir)
+    fake_servers.update({8000: FakeServer(_tiny_lm(tiny_model_dir)), 8001: FakeServer(_tiny_lm(tiny_model_dir))})
+    policy, reference = _server_engines("http://localhost:8000", "http://localhost:8001")
+    module = _trainer_module(tiny_model_dir)
+    push_weights_checked(module, policy, reference)
+    assert reference.apart_verified
+    assert fake_servers[8000].pushes == 2 and fake_servers[8001].pushes == 0  # the test push, then the real one
+    served = dict(fake_servers[8000].model.named_parameters())
+    assert all(torch.equal(served[n], p) for n, p in module.named_parameters())  # the test push was overwritten
+    reference_weights = dict(fake_servers[8001].model.named_parameters())
+    assert all(torch.equal(reference_weights[n], p) for n, p in base.named_parameters())
+    # only our sampling settings reach the server
+    assert all(r["repetition_penalty"] == 1.0 and r["min_p"] == 0.0 for r in fake_servers[8000].requests)
+
+    module.lm_head.weight.data.mul_(2.0)
+    push_weights_checked(module, policy, reference)  # later pushes: no test push, the reference is still checked
+    assert fake_servers[8000].pushes == 3
+    with torch.no_grad():  # something else writes to the reference server
+        fake_servers[8001].model.model.norm.weight.mul_(-1.0)
+    with pytest.raises(VLLMWeightsError, match="reference server's log-probs changed"):
+        push_weights_checked(module, policy, reference)
+
+
+def test_a_policy_server_that_ignores_pushes_is_refused(fake_servers, tiny_model_dir):
+    from aapo_app.vllm_engine import VLLMWeightsError, push_weights_checked
+
+    fake_servers.update({8000: FakeServer(_tiny_lm(tiny_model_dir), takes_pushes=False),
+                         8001: FakeServer(_tiny_lm(tiny_model_dir))})
+    policy, reference = _server_engines("http://localhost:8000", "http://localhost:8001")
+    with pytest.raises(VLLMWeightsError, match="did not change what the policy server computes"):
+        push_weights_checked(_trainer_module(tiny_model_dir), policy, reference)
 
 
 # --------------------------------------------------------------------------- the sync schedule
