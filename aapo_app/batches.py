@@ -44,6 +44,36 @@ class Samples:
 
 
 @dataclass
+class Grades:
+    """Rewards of N completions, graded once (by the scoring or resampling stage, or stored in a
+    reference cache).
+
+    Fields:
+        total: ``[N]`` weighted reward sum_k w_k R_k.
+        parts: reward name -> ``[N]`` unweighted values (accuracy always among them).
+        counts: grading counts of the batch ("verify_timeout", "verify_error", "no_answer").
+    """
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, reward_output) -> "Grades":
+        """From a :class:`~aapo_app.rewards.RewardOutput`."""
+        return cls(reward_output.total, dict(reward_output.per_reward), dict(reward_output.counts))
+
+    def rows(self, rows: torch.Tensor) -> "Grades":
+        """The grades of ``rows`` (counts stay with the batch that was graded, not its rows)."""
+        return Grades(self.total[rows], {k: v[rows] for k, v in self.parts.items()})
+
+    @staticmethod
+    def concat(parts: list["Grades"], counts: dict[str, int] | None = None) -> "Grades":
+        return Grades(torch.cat([g.total for g in parts]),
+                      {k: torch.cat([g.parts[k] for g in parts]) for k in parts[0].parts}, dict(counts or {}))
+
+
+@dataclass
 class RolloutBatch:
     """What the rollout stage hands to scoring.
 
@@ -56,8 +86,10 @@ class RolloutBatch:
         ref_logprobs: ``[N, T_c]`` reference log-probs of the policy's completion tokens (for KL
             baselines), or None.
         seconds: wall-clock of generation (policy + reference).
-        reference_rewards: with ``rollout.reference=cached:DIR``, the stored rewards of the reference
-            samples: ``(total [N], {name: [N]})``; scoring uses them instead of grading again.
+        policy_grades: the policy samples' rewards if they were graded already (dynamic sampling
+            grades each round once); scoring grades them otherwise.
+        reference_grades: the reference samples' rewards if known already (``rollout.reference=
+            cached:DIR`` stores them with the samples); scoring grades them otherwise.
     """
 
     examples: list[PromptExample]
@@ -66,7 +98,8 @@ class RolloutBatch:
     reference: Optional[Samples] = None
     ref_logprobs: Optional[torch.Tensor] = None
     seconds: float = 0.0
-    reference_rewards: Optional[tuple] = None
+    policy_grades: Optional[Grades] = None
+    reference_grades: Optional[Grades] = None
 
 
 @dataclass
@@ -125,24 +158,26 @@ def _rows(s: Samples, rows: torch.Tensor) -> Samples:
                    texts=[s.texts[i] for i in rows.tolist()], lengths=s.lengths[rows], truncated=s.truncated[rows])
 
 
-def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int) -> RolloutBatch:
-    """A new batch made of whole groups ``(batch, group index)``, padded to common widths."""
+def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int,
+                  counts: dict[str, int] | None = None) -> RolloutBatch:
+    """A new batch made of whole groups ``(batch, group index)``, padded to common widths, with their
+    grades where the batches have them (``counts``: the grading counts of the merged batch)."""
     G = picks[0][0].group_size
-    parts = []
-    for batch, i in picks:
-        rows = torch.arange(i * G, (i + 1) * G)
-        ref_logp = None
-        if batch.ref_logprobs is not None:
-            ref_logp = batch.ref_logprobs[rows]
-        if batch.reference_rewards is not None:
-            raise NotImplementedError("dynamic sampling with a cached reference group")  # no algorithm does both
-        parts.append((batch.examples[i], _rows(batch.policy, rows),
-                      _rows(batch.reference, rows) if batch.reference is not None else None, ref_logp))
-    policy = _concat_samples([p[1] for p in parts], pad_id)
-    reference = _concat_samples([p[2] for p in parts], pad_id) if parts[0][2] is not None else None
+    first = picks[0][0]
+    rows = [(batch, torch.arange(i * G, (i + 1) * G)) for batch, i in picks]
+    policy = _concat_samples([_rows(b.policy, r) for b, r in rows], pad_id)
+    reference = _concat_samples([_rows(b.reference, r) for b, r in rows], pad_id) if first.reference is not None else None
     ref_logprobs = None
-    if parts[0][3] is not None:
+    if first.ref_logprobs is not None:
         width = policy.completion_mask.shape[1]
-        ref_logprobs = torch.cat([torch.nn.functional.pad(p[3], (0, width - p[3].shape[1])) for p in parts])
-    return RolloutBatch(examples=[p[0] for p in parts], group_size=G, policy=policy, reference=reference,
-                        ref_logprobs=ref_logprobs)
+        ref_logprobs = torch.cat([torch.nn.functional.pad(b.ref_logprobs[r], (0, width - b.ref_logprobs.shape[1]))
+                                  for b, r in rows])
+
+    def grades(name: str) -> Grades | None:
+        if getattr(first, name) is None:
+            return None
+        return Grades.concat([getattr(b, name).rows(r) for b, r in rows], counts)
+
+    return RolloutBatch(examples=[b.examples[i] for b, i in picks], group_size=G, policy=policy, reference=reference,
+                        ref_logprobs=ref_logprobs, policy_grades=grades("policy_grades"),
+                        reference_grades=grades("reference_grades"))

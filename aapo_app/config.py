@@ -215,14 +215,18 @@ class AlgorithmConfig:
 class TrainConfig:
     """Optimisation settings of the update stage."""
 
-    max_steps: int = _f(12, "optimizer steps (one rollout and one update each)")
+    max_steps: int = _f(12, "training steps (one rollout and its update each: one optimizer step, or algorithm.mini_batches"
+                            " x num_iterations for the ratio-based algorithms)")
     learning_rate: float = _f(2e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up, in training steps (x the algorithm's optimizer steps per "
+                              "rollout); optimizer step k of W warm-up steps takes k/W of the peak, so none is at lr 0")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")
     min_lr_ratio: float = _f(0.0, "cosine schedule: final learning rate as a fraction of train.learning_rate (the 1.5B recipe: 0.1)")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
-    micro_batch_size: int = _f(8, "sequences per forward/backward; accumulation = prompts_per_rank*G/micro_batch_size")
+    micro_batch_size: int = _f(8, "most sequences per forward/backward (gradient accumulation splits each optimizer step "
+                                  "into micro-batches of at most this many); memory only: the update computed is the same "
+                                  "for every value")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     eval_every: int = _f(0, "held-out evaluation every N steps (0 = only before and after training)")
     eval_max_new_tokens: int = _f(40, "completion length limit of the greedy held-out evaluation")
@@ -284,16 +288,38 @@ class RunConfig:
             section.validate()
         self.algorithm.params.validate()
         sequences = self.rollout.prompts_per_rank * self.rollout.group_size
-        if sequences % self.train.micro_batch_size:
+        mini_batches = self.mini_batches
+        if sequences % mini_batches:
+            divisors = ", ".join(str(d) for d in range(1, sequences + 1) if sequences % d == 0)
             raise AapoError(
-                f"train.micro_batch_size={self.train.micro_batch_size} does not divide the "
-                f"{sequences} sequences per rank (rollout.prompts_per_rank x rollout.group_size); "
-                f"choose a divisor of {sequences}"
+                f"algorithm.mini_batches={mini_batches} does not divide the {sequences} sequences per rank "
+                f"(rollout.prompts_per_rank x rollout.group_size); choose one of {divisors}"
             )
 
     @property
+    def mini_batches(self) -> int:
+        """Optimizer steps per pass over a rollout (1 unless the algorithm splits it)."""
+        return self.algorithm.params.rollout_passes()[0]
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        mini_batches, iterations = self.algorithm.params.rollout_passes()
+        return mini_batches * iterations
+
+    @property
+    def sequences_per_optimizer_step(self) -> int:
+        """Sequences of one optimizer step on one rank."""
+        return self.rollout.prompts_per_rank * self.rollout.group_size // self.mini_batches
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Sequences per micro-batch: train.micro_batch_size, or fewer when a step has fewer."""
+        return min(self.train.micro_batch_size, self.sequences_per_optimizer_step)
+
+    @property
     def gradient_accumulation_steps(self) -> int:
-        return self.rollout.prompts_per_rank * self.rollout.group_size // self.train.micro_batch_size
+        """Micro-batches per optimizer step (the last one may hold fewer sequences)."""
+        return -(-self.sequences_per_optimizer_step // self.micro_batch_rows)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 from aapo_app.errors import AapoError
@@ -44,29 +45,54 @@ def _fill(node: dict, key: str, value, source: str, where: str) -> None:
     )
 
 
-def lr_scheduler_section(train) -> dict | None:
-    """The DeepSpeed ``scheduler`` section for the run's schedule (None: constant lr, no warm-up).
+class LRSchedule:
+    """The learning-rate factor of each optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
 
-    constant: ``WarmupLR`` (linear warm-up from 0 to lr, then flat). cosine: ``WarmupCosineLR``
-    (linear warm-up from 0, then cosine decay to ``min_lr_ratio`` x lr at ``max_steps``); both take
-    their peak from the optimizer's lr."""
-    if train.lr_scheduler == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": train.max_steps, "warmup_num_steps": train.warmup_steps, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}}
-    if train.warmup_steps == 0:
+    Counted in optimizer steps: a training step takes ``steps_per_rollout`` of them (the ratio-based
+    algorithms' mini-batches x iterations), so ``train.warmup_steps`` and ``train.max_steps`` are
+    multiplied by it. With W warm-up steps and K steps in all, optimizer step s (0-based) takes
+
+    - warm-up, s < W: ``(s + 1) / W`` (the first step already learns; the W-th is at the peak);
+    - constant: ``1``;
+    - cosine: ``r + (1 − r) · ½ (1 + cos(π (s − W) / (K − W)))``, r = ``train.min_lr_ratio``: the peak
+      at s = W, falling towards r, which the last step (s = K − 1) approaches but never spends a step at.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+        if kind not in ("constant", "cosine"):
+            raise ValueError(f"kind must be constant or cosine (got {kind!r})")
+        self.kind, self.total_steps, self.warmup_steps, self.min_ratio = kind, total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def __repr__(self) -> str:
+        return (f"LRSchedule({self.kind!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
+                f"min_ratio={self.min_ratio})")
+
+
+def lr_schedule(run) -> LRSchedule | None:
+    """The run's schedule in optimizer steps (None: a constant learning rate without warm-up)."""
+    train, per_rollout = run.train, run.optimizer_steps_per_rollout
+    if train.lr_scheduler == "constant" and train.warmup_steps == 0:
         return None
-    return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.learning_rate,
-                                           "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"}}
+    return LRSchedule(train.lr_scheduler, train.max_steps * per_rollout, train.warmup_steps * per_rollout,
+                      train.min_lr_ratio)
 
 
 def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dict:
     """Return a copy of ``ds`` with every ``"auto"`` field resolved from the ``RunConfig``."""
     ds = copy.deepcopy(ds)
-    micro = run.train.micro_batch_size
+    micro = run.micro_batch_rows
     accum = run.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", "")
-    _fill(ds, "gradient_accumulation_steps", accum, "rollout.prompts_per_rank*group_size/train.micro_batch_size", "")
+    _fill(ds, "gradient_accumulation_steps", accum,
+          "micro-batches per optimizer step (prompts_per_rank*group_size/algorithm.mini_batches/train.micro_batch_size)", "")
     _fill(ds, "train_batch_size", micro * accum * world_size, "micro_batch_size*accumulation*world_size", "")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if training and stage not in (0, 1, 2, 3):
@@ -83,10 +109,7 @@ def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dic
         _fill(opt, "lr", run.train.learning_rate, "train.learning_rate", "optimizer.params.")
         _fill(opt, "weight_decay", run.train.weight_decay, "train.weight_decay", "optimizer.params.")
     if "scheduler" not in ds:
-        scheduler = lr_scheduler_section(run.train)
-        if scheduler is not None:
-            ds["scheduler"] = scheduler
-        return ds
+        return ds  # the run's own schedule (lr_schedule), handed to DeepSpeed as a client scheduler
     if run.train.lr_scheduler != "constant":
         raise AapoError(f"ds_config has its own 'scheduler' section and train.lr_scheduler={run.train.lr_scheduler}; "
                         f"remove the section (the run config then builds the schedule) or set train.lr_scheduler=constant")
@@ -102,10 +125,14 @@ def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dic
         for key in ("warmup_max_lr", "max_lr"):
             if key in sched:
                 _fill(sched, key, run.train.learning_rate, "train.learning_rate", "scheduler.params.")
+        # DeepSpeed's schedulers count optimizer steps
+        per_rollout = run.optimizer_steps_per_rollout
         if "warmup_num_steps" in sched:
-            _fill(sched, "warmup_num_steps", run.train.warmup_steps, "train.warmup_steps", "scheduler.params.")
+            _fill(sched, "warmup_num_steps", run.train.warmup_steps * per_rollout,
+                  "train.warmup_steps x optimizer steps per rollout", "scheduler.params.")
         if "total_num_steps" in sched:
-            _fill(sched, "total_num_steps", run.train.max_steps, "train.max_steps", "scheduler.params.")
+            _fill(sched, "total_num_steps", run.train.max_steps * per_rollout,
+                  "train.max_steps x optimizer steps per rollout", "scheduler.params.")
     return ds
 
 

@@ -207,7 +207,10 @@ class ZeroModel:
 
     def __init__(self, model: nn.Module, ds_config: dict, trainable: bool, gather: str = "full",
                  gradient_checkpointing: bool = False, learning_rate: float = 1e-6, weight_decay: float = 0.0,
-                 hybrid_engine: bool = False, max_out_tokens: int = 512):
+                 hybrid_engine: bool = False, max_out_tokens: int = 512, lr_schedule=None):
+        """``lr_schedule``: the learning-rate factor of each optimizer step (0-based), e.g. a
+        :class:`~aapo_app.ds_config.LRSchedule`, given to DeepSpeed as a client ``LambdaLR`` (a
+        ``scheduler`` section in ``ds_config`` is not allowed with it); None: DeepSpeed's config decides."""
         import deepspeed
 
         self.hybrid_engine = hybrid_engine and trainable
@@ -234,8 +237,16 @@ class ZeroModel:
             # section (e.g. DeepSpeedCPUAdam for ZeRO-Offload) takes precedence.
             optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
                                           betas=(0.9, 0.999), eps=1e-8, fused=True)
+        scheduler = None
+        if trainable and lr_schedule is not None:
+            if "scheduler" in ds_config:
+                raise ValueError("lr_schedule and a DeepSpeed 'scheduler' section are exclusive")
+
+            def scheduler(opt):  # DeepSpeed calls it with the optimizer it built (or ours)
+                return torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, config=ds_config, model_parameters=None if optimizer else params, optimizer=optimizer
+            model=model, config=ds_config, model_parameters=None if optimizer else params, optimizer=optimizer,
+            lr_scheduler=scheduler,
         )
         self.module = self.engine.module
         self._view = None

@@ -15,9 +15,9 @@ PANELS = [
     ("loss", "loss"),
     ("completion_len/mean", "completion length (tokens)"),
     ("algo/zero_std_group_frac", "zero-std group fraction"),
-    ("algo/clip_low_frac", "clipped low (AAPO momentum; DAPO ratio)"),
-    ("algo/clip_high_frac", "clipped high (AAPO momentum; DAPO ratio)"),
-    ("algo/clip_frac", "PPO ratio clip fraction"),
+    ("algo/momentum_clip_low_frac", "AAPO momentum clipped low (samples)"),
+    ("algo/momentum_clip_high_frac", "AAPO momentum clipped high (samples)"),
+    ("algo/ratio_clip_frac", "ratio clipped (tokens)"),
     ("grad_norm", "gradient norm"),
 ]
 

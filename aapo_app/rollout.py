@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from aapo_app.batches import RolloutBatch, Samples
+from aapo_app.batches import Grades, RolloutBatch, Samples
 from aapo_app.data import PromptExample
 
 
@@ -292,14 +292,14 @@ def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts
                   eos_ids=eos_ids, sampler=cfg.sampler)
     policy_samples = sample(policy, tokenizer, prompt_ids, prompt_mask,
                             seed=stream_seed(seed, step, rank, "policy", *extra), **common)
-    ref_samples = ref_logp = ref_rewards = None
+    ref_samples = ref_logp = ref_grades = None
     if algorithm.uses_reference_samples and reference_cache is not None:
         groups = reference_cache.groups(prompts)
         G = cfg.group_size
         ref_samples = finish_samples(tokenizer, prompt_ids.repeat_interleave(G, dim=0),
                                      prompt_mask.repeat_interleave(G, dim=0), groups.completion_ids, eos_ids,
                                      cfg.max_new_tokens)
-        ref_rewards = (groups.rewards, groups.per_reward)
+        ref_grades = Grades(groups.rewards, groups.per_reward)
     elif algorithm.uses_reference_samples:
         ref_samples = sample(reference_sampler or reference, tokenizer, prompt_ids, prompt_mask,
                              seed=stream_seed(seed, step, rank, "reference", *extra), **common)
@@ -307,4 +307,4 @@ def rollout(policy, reference, tokenizer, examples: list[PromptExample], prompts
         ref_logp = reference_logprobs(reference, policy_samples, cfg.temperature, micro_batch_size)
     return RolloutBatch(examples=examples, group_size=cfg.group_size, policy=policy_samples,
                         reference=ref_samples, ref_logprobs=ref_logp, seconds=time.perf_counter() - start,
-                        reference_rewards=ref_rewards)
+                        reference_grades=ref_grades)

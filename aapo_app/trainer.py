@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from aapo_app import checkpoint as CK
 from aapo_app import metrics as M
-from aapo_app.algorithms import build_algorithm, zero_std_groups
+from aapo_app.algorithms import build_algorithm
 from aapo_app.batches import select_groups
 from aapo_app.check import check_lengths, sample_prompts
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, load_examples, render_prompt
-from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
+from aapo_app.ds_config import (DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, lr_schedule,
+                                read_ds_config)
 from aapo_app.engine import (ZeroModel, all_reduce_sum, barrier, check_hybrid_engine,
                              init_distributed, launched_world_size, on_rank0)
 from aapo_app.errors import AapoError
@@ -36,7 +37,7 @@ from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, 
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
 from aapo_app.rewards import run_reward_model
 from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
-from aapo_app.scoring import score
+from aapo_app.scoring import grade, score, signal_groups
 from aapo_app.update import update
 from aapo_app.vllm_engine import WeightSync, check_vllm_run
 
@@ -121,7 +122,8 @@ class Trainer:
                                 gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
                                 learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                                 hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
-                                max_out_tokens=cfg.rollout.max_new_tokens + 1024)
+                                max_out_tokens=cfg.rollout.max_new_tokens + 1024,
+                                lr_schedule=None if "scheduler" in self.ds_policy else lr_schedule(cfg))
         # the reference group is sampled by the DeepSpeed reference engine unless it comes from a cache
         # or a vLLM reference engine; KL baselines always score with it
         samples_online = self.algorithm.uses_reference_samples and self.reference_cache is None
@@ -379,40 +381,44 @@ class Trainer:
                            reference_sampler=self.vllm_reference)
 
     def _rollout_with_resampling(self, step: int):
-        """One rollout, or, for algorithms with dynamic sampling, rounds of rollouts whose groups with
-        reward spread are kept until the batch is full. All ranks take the same number of rounds
-        (ZeRO-3 generation is collective, and the prompt samplers stay in step). If the rounds run
-        out, the batch is topped up with zero-variance groups (advantage 0, no gradient) so every
-        rank trains the same number of sequences. Returns the batch and the extra rounds taken."""
+        """One rollout, or, for algorithms that resample (DAPO's dynamic sampling, GPG's
+        regeneration), rounds of rollouts whose groups carrying signal (``Resampling.signal``) are
+        kept until the batch has enough of them. Each round is graded once, here, and the grades
+        travel with the batch to scoring. All ranks take the same number of rounds (ZeRO-3
+        generation is collective, and the prompt samplers stay in step). If the rounds run out, the
+        batch is topped up with groups without signal so every rank trains the same number of
+        sequences. Returns the batch, the extra rounds taken and the fraction of its groups that
+        carry signal (None without resampling)."""
         batch = self._rollout(step)
         plan = self.algorithm.resampling()
         if plan is None:
-            return batch, 0
+            return batch, 0, None
         start = time.perf_counter() - batch.seconds
-        max_rounds, min_kept = plan
-        P, G = len(batch.examples), batch.group_size
-        kept, dropped, rounds = [], [], 0
+        P = len(batch.examples)
+        kept, dropped, rounds, counts = [], [], 0, {}
         while True:
-            texts, answers = batch.policy.texts, [ex.answer for ex in batch.examples for _ in range(G)]
-            rewards = self.rewards.score(texts, answers, batch.policy.lengths.tolist()).total.view(P, G)
-            spread = ~zero_std_groups(rewards)
-            kept += [(batch, i) for i in range(P) if spread[i]]
-            dropped += [(batch, i) for i in range(P) if not spread[i]]
-            short = float(len(kept) < math.ceil(min_kept * P))
-            if rounds >= max_rounds or all_reduce_sum([short])[0] == 0:
+            batch = grade(batch, self.rewards)
+            for key, value in batch.policy_grades.counts.items():
+                counts[key] = counts.get(key, 0) + value
+            signal = signal_groups(batch.policy_grades, batch.group_size, plan.signal)
+            kept += [(batch, i) for i in range(P) if signal[i]]
+            dropped += [(batch, i) for i in range(P) if not signal[i]]
+            short = float(len(kept) < math.ceil(plan.min_kept_fraction * P))
+            if rounds >= plan.max_extra_rounds or all_reduce_sum([short])[0] == 0:
                 break
             rounds += 1
             batch = self._rollout(step, round=rounds)
+        kept_frac = min(len(kept), P) / P
         if rounds == 0 and len(kept) == P:
-            return batch, 0
-        merged = select_groups((kept + dropped)[:P], self.tokenizer.pad_token_id)
-        merged.seconds = time.perf_counter() - start  # every round's sampling and reward checks
-        return merged, rounds
+            return batch, 0, kept_frac
+        merged = select_groups((kept + dropped)[:P], self.tokenizer.pad_token_id, counts)
+        merged.seconds = time.perf_counter() - start  # every round's sampling and grading
+        return merged, rounds, kept_frac
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch, rounds = self._rollout_with_resampling(step)
+        batch, rounds, kept_frac = self._rollout_with_resampling(step)
         scored = score(batch, self.rewards, self.algorithm)
         self.log_rollout(step, scored)
         every = cfg.train.log_samples_every
@@ -420,9 +426,9 @@ class Trainer:
             rows = sample_rows(scored)
             write_samples_file(self.output_dir, step, rows)
             self.reporter.samples(rows, step)
-        upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.train.micro_batch_size,
+        upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.micro_batch_rows,
                      temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
-        self.weight_sync.optimizer_step(applied=upd["skipped_nonfinite"] < self.algorithm.updates_per_rollout)
+        self.weight_sync.optimizer_step(applied=upd["skipped_nonfinite"] < self.algorithm.optimizer_steps_per_rollout)
         pol = batch.policy
         local = dict(scored.diagnostics)
         local.update({k: v for k, v in upd.items() if k not in ("update_tokens", "update_seconds")})
@@ -434,6 +440,8 @@ class Trainer:
         local["update_seconds"] = upd["update_seconds"]
         local["step_seconds"] = time.perf_counter() - t0
         local["resample_rounds"] = float(rounds)
+        if kept_frac is not None:
+            local["resample_kept_frac"] = kept_frac
         m = reduce_metrics(local)
         m["rollout_tokens_per_s"] = m.pop("rollout_tokens") / max(m["rollout_seconds"], 1e-9)
         m["update_tokens_per_s"] = m.pop("update_tokens") / max(m["update_seconds"], 1e-9)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import write_results  # noqa: E402
 
-DIAGNOSTICS = ("ref_reward/mean", "algo/group_term_mean", "algo/momentum_mean", "algo/clip_low_frac",
-               "algo/clip_high_frac", "reward/mean")
+DIAGNOSTICS = ("ref_reward/mean", "algo/group_term_mean", "algo/momentum_mean", "algo/momentum_clip_low_frac",
+               "algo/momentum_clip_high_frac", "reward/mean")
 TIMES = ("step_seconds", "rollout_seconds", "update_seconds")
 
 

@@ -60,6 +60,21 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def norm_model_dir(tmp_path_factory) -> Path:
+    """A 1-layer random Llama over the 64-token vocabulary of tests/normalisation_cases.py."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("norm-llama")
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def _register_test_reward():
     """The test reward `test_char_length` (tests/plugin_rewards.py), registered in this process."""
     sys.path.insert(0, str(Path(__file__).parent))

@@ -30,3 +30,16 @@ if "test_huge" not in REWARDS:
 
         def __call__(self, completions, answers, lengths):
             return [3e38 if len(c) % 2 == 0 else 0.0 for c in completions]
+
+#: completions graded by `test_counted`, one entry (the batch size) per call
+COUNTED: list[int] = []
+
+if "test_counted" not in REWARDS:
+
+    @register_reward("test_counted")
+    class CountedReward(Reward):
+        """0 for every completion (so every group is flat); records how many completions it graded."""
+
+        def __call__(self, completions, answers, lengths):
+            COUNTED.append(len(completions))
+            return [0.0] * len(completions)

@@ -44,8 +44,8 @@ def bad_inputs(tmp_path):
         (["model.path=/nonexistent/model"], ["model.path", "does not exist"]),
         (["algorithm.name=ppo2"], ["algorithm.name", "aapo"]),
         (["rollout.group_size=1"], ["rollout.group_size", "> 1"]),
-        (["rollout.prompts_per_rank=3", "rollout.group_size=4", "train.micro_batch_size=5"],
-         ["train.micro_batch_size", "divide"]),
+        (["algorithm.name=dapo", "rollout.prompts_per_rank=3", "rollout.group_size=3", "algorithm.mini_batches=4"],
+         ["algorithm.mini_batches", "divide"]),
         ([f"data.source={nocol}"], ["data.problem_column", "question"]),
         ([f"data.source={empty}"], ["data.source", "empty"]),
         (["rollout.group_sise=4"], ["rollout.group_sise", "valid keys"]),
@@ -202,7 +202,7 @@ def test_bad_input_matrix_across_commands(tmp_path, tiny_model_dir, shared_dir):
 def test_plot_overlays_runs(tmp_path):
     """Two runs' metrics.jsonl -> one PNG with every panel some run has; AAPO-only panels appear
     because one run has them."""
-    for name, algo_keys in (("aapo-run", {"algo/clip_low_frac": 0.1, "algo/clip_high_frac": 0.2}), ("grpo-run", {})):
+    for name, algo_keys in (("aapo-run", {"algo/momentum_clip_low_frac": 0.1, "algo/momentum_clip_high_frac": 0.2}), ("grpo-run", {})):
         run = tmp_path / name
         run.mkdir()
         rows = [{"step": 0, "eval/accuracy": 0.5}] + [
@@ -216,9 +216,9 @@ def test_plot_overlays_runs(tmp_path):
     assert code == 0, output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     for key in ("reward/mean", "eval/accuracy", "loss", "completion_len/mean", "algo/zero_std_group_frac",
-                "algo/clip_low_frac", "algo/clip_high_frac"):
+                "algo/momentum_clip_low_frac", "algo/momentum_clip_high_frac"):
         assert key in output
-    assert "algo/clip_frac" not in output  # no run has it: no empty panel
+    assert "algo/ratio_clip_frac" not in output  # no run has it: no empty panel
     from aapo_app.plot import smooth
 
     assert smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]  # trailing mean of 2: (1), (1+3)/2, (3+5)/2
@@ -236,8 +236,9 @@ def test_check_config_accepts_the_recipes_offline(shared_dir):
         assert code == 0, (recipe, output, exc)
         assert output.rstrip().endswith("config OK") and f"batch: {world} rank(s)" in output
     # a batch that does not divide the world's arithmetic is caught by the same checks
-    code, output, _ = run_cli(["check-config", "rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
-    assert code == 2 and "train.micro_batch_size=5 does not divide" in output
+    code, output, _ = run_cli(["check-config", "algorithm.name=dapo", "rollout.prompts_per_rank=3",
+                               "rollout.group_size=3"])
+    assert code == 2 and "algorithm.mini_batches=4 does not divide the 9 sequences" in output
 
 
 def _grade_json(args):

@@ -81,7 +81,7 @@ def test_metrics_written_and_defined(trained):
         for key in m:
             glossary_key(key)  # raises if a logged key is not defined in metrics.METRICS
         for key in ("reward/mean", "ref_reward/mean", "accuracy", "format_rate", "advantage/mean",
-                    "algo/zero_std_group_frac", "algo/clip_low_frac", "algo/clip_high_frac", "loss",
+                    "algo/zero_std_group_frac", "algo/momentum_clip_low_frac", "algo/momentum_clip_high_frac", "loss",
                     "grad_norm", "completion_len/mean", "truncated_frac", "rollout_tokens_per_s",
                     "update_tokens_per_s", "step_seconds"):
             assert key in m, key
@@ -244,17 +244,21 @@ def test_local_dataset_with_columns_and_system_prompt(tiny_model_dir, shared_dir
     assert len(groups) == 2 and all(g["problem"] in problems for g in groups)
 
 
-@pytest.mark.parametrize("weights,rounds", [
-    ("{boxed_format: 1.0}", 2),       # the random model never boxes: every group is flat, all tries are used
-    ("{test_char_length: 1.0}", 0),   # character lengths always differ: nothing to refill
+@pytest.mark.parametrize("weights,keep_by,rounds", [
+    ("{boxed_format: 1.0}", "reward", 2),        # the random model never boxes: every group is flat, all tries used
+    ("{test_char_length: 1.0}", "reward", 0),    # character lengths always differ: nothing to refill
+    # the paper's rule: the random model is never correct (0 of G), so different lengths do not make
+    # a group worth keeping and every try is used
+    ("{test_char_length: 1.0}", "accuracy", 2),
 ])
-def test_dapo_dynamic_sampling_refills_flat_groups(tiny_model_dir, tmp_path, weights, rounds):
+def test_dapo_dynamic_sampling_refills_flat_groups(tiny_model_dir, tmp_path, weights, keep_by, rounds):
     cfg = load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "dapo", "algorithm.name=dapo",
                                                "algorithm.max_resample_tries=2", "train.max_steps=1",
-                                               f"rewards.weights={weights}"))
+                                               f"algorithm.keep_groups_by={keep_by}", f"rewards.weights={weights}"))
     trainer = train_run(cfg)
     last = last_metrics(trainer)
     assert last["resample_rounds"] == rounds
+    assert last["resample_kept_frac"] == (1.0 if rounds == 0 else 0.0)
     assert trainer.sampler.step == 1 + rounds  # each round drew the next prompts of the sampler
     groups = [json.loads(x) for x in (trainer.output_dir / "rollouts" / "rank0.jsonl").read_text().splitlines()]
     assert len(groups) == 2 and all(len(g["completions"]) == 4 for g in groups)  # the batch stays P x G
@@ -291,7 +295,7 @@ def test_grpo_several_updates_per_rollout(tiny_model_dir, tmp_path):
     assert trainer.policy.engine.global_steps == 2
     last = last_metrics(trainer)
     # pass 1 has ratio exactly 1 (nothing clipped); a large step makes pass 2's ratios leave [0.8, 1.2]
-    assert 0.0 < last["algo/clip_frac"] < 1.0
+    assert 0.0 < last["algo/ratio_clip_frac"] < 1.0
 
 
 def test_gpg_regeneration(tiny_model_dir, tmp_path):
@@ -406,7 +410,7 @@ def test_wandb_offline_tensorboard_and_sample_tables(tiny_model_dir, tmp_path, m
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"reward/mean", "loss", "algo/clip_high_frac", "eval/accuracy"} <= set(scalars)
+    assert {"reward/mean", "loss", "algo/momentum_clip_high_frac", "eval/accuracy"} <= set(scalars)
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
     table = (out / "samples" / "step-2.md").read_text()
     header = table.splitlines()[2]

@@ -1,10 +1,13 @@
 """Each loss's autograd gradient on a tiny model equals the analytic policy-gradient expression.
 
-The analytic side is built from the per-token score functions g_it = ∇_θ log π_θ(o_it | q, o_<it)
-(each obtained on its own), weighted as the papers write the gradient at ratio 1 (one update per
-rollout, π_old = π_θ):
+The step is one micro-batch holding one prompt group of n = 3 sequences, and each loss gets the
+weights of its algorithm's default ``loss_aggregation`` for that step (``sequence_weights``). The
+analytic side is built from the per-token score functions g_it = ∇_θ log π_θ(o_it | q, o_<it)
+(each obtained on its own), weighted as the papers write the gradient at ratio 1 (one optimizer step
+per rollout, π_old = π_θ):
 
-- AAPO, GPG, DAPO (token mean):  ∇L = −(1/N) Σ_i Σ_t A_i g_it,      N = Σ_i |o_i|
+- AAPO, GPG (group token mean; with one group the token mean), DAPO (token mean):
+                                  ∇L = −(1/N) Σ_i Σ_t A_i g_it,      N = Σ_i |o_i|
 - GRPO (sequence mean, + β k3):   ∇L = (1/n) Σ_i (1/|o_i|) Σ_t [−A_i + β (1 − e^{ref_it − logp_it})] g_it
 - Dr. GRPO (constant L_max):      ∇L = −(1/(n L_max)) Σ_i Σ_t A_i g_it
 (the k3 term's derivative: d/dx [e^{r−x} − (r − x) − 1] = 1 − e^{r−x}.)
@@ -14,7 +17,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aapo_app.algorithms import build_algorithm
+from aapo_app.algorithms import build_algorithm, sequence_weights, step_counts
 from aapo_app.engine import completion_logprobs
 
 PROMPT, COMPLETION, T = 2, 4, 0.7
@@ -53,13 +56,40 @@ def score_functions(model, seq, attn, cmask):
     return out
 
 
+def step_weights(mode, constant):
+    """The weights of ``mode`` for the step: one micro-batch with one prompt group of the 3 sequences."""
+    lengths = torch.tensor(LENGTHS)
+    ids = torch.zeros(len(LENGTHS), dtype=torch.long)  # one group, one micro-batch
+    return sequence_weights(mode, lengths, ids, ids, step_counts(lengths, ids, ids), constant)
+
+
+# w_i of each algorithm's default mode for this step: N = 9 tokens, n = 3 sequences, L_max = 4
+EXPECTED_WEIGHTS = {
+    "aapo": [1 / 9] * 3,  # group_token_mean: 1/(K · N_g) = 1/(1 · 9)
+    "gpg": [1 / 9] * 3,  # the same
+    "dapo": [1 / 9] * 3,  # token_mean: 1/N
+    "grpo": [1 / (3 * 4), 1 / (3 * 2), 1 / (3 * 3)],  # seq_mean: 1/(n · |o_i|)
+    "dr_grpo": [1 / (3 * L_MAX)] * 3,  # constant: 1/(n · L_max)
+}
+
+
+@pytest.mark.parametrize("name", ["aapo", "gpg", "dapo", "grpo", "dr_grpo"])
+def test_default_weights_of_the_one_group_step(name):
+    mode, constant = build_algorithm(name).aggregation(L_MAX)
+    weights = step_weights(mode, constant)
+    torch.testing.assert_close(weights, torch.tensor(EXPECTED_WEIGHTS[name], dtype=torch.float64))
+    if mode == "group_token_mean":  # one group: the group's token mean is the step's token mean
+        torch.testing.assert_close(weights, step_weights("token_mean", None))
+
+
 @pytest.mark.parametrize("name", ["aapo", "gpg", "dapo", "grpo", "dr_grpo"])
 def test_autograd_equals_analytic_policy_gradient(setup, name):
     model, seq, attn, cmask, ref = setup
     algo = build_algorithm(name)
     use_ref = algo.uses_reference_logprobs  # GRPO's default β = 0.04
+    weights = step_weights(*algo.aggregation(L_MAX))
     logp = completion_logprobs(model, seq, attn, PROMPT, T)
-    out = algo.loss(logp, cmask, ADV, None, ref if use_ref else None, L_MAX)
+    out = algo.loss(logp, cmask, ADV, weights, None, ref if use_ref else None)
     autograd = grads(model, out.loss)
 
     g = score_functions(model, seq, attn, cmask)

@@ -68,30 +68,6 @@ def test_dapo_dynamic_sampling_keeps_ranks_in_step(tiny_model_dir, tmp_path):
         assert len(ids[0]) == len(ids[1]) == 2 and not set(ids[0]) & set(ids[1])
 
 
-def test_two_ranks_give_the_one_rank_gradient_for_every_algorithm(tiny_model_dir, tmp_path):
-    """Same two micro-batches: 1 rank accumulating both vs 2 ranks with one each (DeepSpeed ZeRO-3
-    averages). Each loss is a per-micro-batch aggregate (see aggregate_loss), so the SGD step must
-    land on the same parameters for every algorithm, to float tolerance."""
-    import torch
-
-    script = os.path.join(os.path.dirname(__file__), "dp_equivalence_script.py")
-    for n in (1, 2):
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-             str(free_port()), script, str(tiny_model_dir), str(tmp_path)])
-    from transformers import AutoModelForCausalLM
-
-    from aapo_app.algorithms import ALGORITHMS
-
-    one, two = torch.load(tmp_path / "params_world1.pt"), torch.load(tmp_path / "params_world2.pt")
-    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
-    assert sorted(one) == sorted(two) == sorted(ALGORITHMS)
-    for name in one:
-        moved = max(float((one[name][k] - initial[k].data).abs().max()) for k in one[name])
-        assert moved > 1e-4, f"{name}: the step did not move the parameters"
-        for key in one[name]:
-            torch.testing.assert_close(two[name][key], one[name][key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
-
-
 def test_two_nodes_on_localhost_match_one_node(tiny_model_dir, tmp_path):
     """Two "nodes" started separately through launch/node_rank.sh (the deepspeed launcher with
     --hostfile, --no_ssh, --node_rank 0/1, one rank each) train 2 steps and end with exactly the

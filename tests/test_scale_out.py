@@ -12,7 +12,7 @@ import torch
 
 from aapo_app.config import load_run_config
 from aapo_app.data import DATA_PRESETS, DataConfig, load_examples
-from aapo_app.ds_config import REPO_DS_CONFIGS, fill_ds_config, lr_scheduler_section, read_ds_config
+from aapo_app.ds_config import REPO_DS_CONFIGS, fill_ds_config, read_ds_config
 from aapo_app.errors import AapoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +40,9 @@ def test_shipped_ds_configs_validate():
         ds = fill_ds_config(read_ds_config(path, None), cfg, 1, training=training)
         deepspeed_accepts(ds)
         assert "auto" not in str(ds), path.name  # every "auto" was filled
-        if training:
-            assert ds["scheduler"]["type"] == "WarmupCosineLR"
-            assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.gradient_accumulation_steps
+        if training:  # the run's schedule goes to DeepSpeed as a client scheduler, not a config section
+            assert "scheduler" not in ds
+            assert ds["train_batch_size"] == cfg.micro_batch_rows * cfg.gradient_accumulation_steps
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -110,35 +110,25 @@ def test_launch_wrappers_print_their_commands(tmp_path):
     assert out.returncode == 0, out.stderr  # parses
 
 
-def test_lr_schedules_by_hand():
-    """DeepSpeed's WarmupCosineLR built from our section: max_steps 10, warm-up 2, min ratio 0.1.
-    DeepSpeed's iteration i (after i + 1 scheduler steps; the constructor leaves iteration 0) has
-    lr/lr0 = i / 2 during warm-up (i < 2), then 0.1 + 0.9 * (1 + cos(pi * p)) / 2 with
-    p = min(1, (i - 1) / 8): e.g. i = 5 -> p = 1/2 -> 0.55, i >= 9 -> 0.1."""
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupLR
+def test_own_scheduler_section_counts_optimizer_steps():
+    """A DeepSpeed config with its own scheduler: its "auto" step counts are filled in optimizer
+    steps (DAPO's default 4 mini-batches: warm-up 2 and 10 training steps are 8 and 40)."""
+    cfg = load_run_config(None, ["algorithm.name=dapo", "train.max_steps=10", "train.warmup_steps=2"])
+    ds = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
+                                                           "warmup_max_lr": "auto"}}}
+    params = fill_ds_config(ds, cfg, 1)["scheduler"]["params"]
+    assert (params["warmup_num_steps"], params["total_num_steps"]) == (8, 40)
 
-    def lr_ratios(sched_cls, section, n, lr=1e-3):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-        sched = sched_cls(opt, **section["params"])
-        ratios = []
-        for _ in range(n):
-            ratios.append(opt.param_groups[0]["lr"] / lr)
-            opt.step()
-            sched.step()
-        return ratios
 
-    cfg = load_run_config(None, ["train.max_steps=10", "train.warmup_steps=2", "train.lr_scheduler=cosine",
-                                 "train.min_lr_ratio=0.1", "train.learning_rate=1e-3"])
-    got = lr_ratios(WarmupCosineLR, lr_scheduler_section(cfg.train), 12)
-    iterations = [max(k - 1, 0) for k in range(12)]
-    expected = [i / 2 if i < 2 else 0.1 + 0.9 * (1 + math.cos(math.pi * min(1.0, (i - 1) / 8))) / 2
-                for i in iterations]
-    assert got == pytest.approx(expected)
-    assert got[6] == pytest.approx(0.55) and got[-1] == pytest.approx(0.1)
-    # constant after a linear warm-up of 2: 0, 0, 1/2, then 1
-    cfg = load_run_config(None, ["train.warmup_steps=2", "train.learning_rate=1e-3"])
-    assert lr_ratios(WarmupLR, lr_scheduler_section(cfg.train), 6) == pytest.approx([0, 0, 0.5, 1, 1, 1])
-    assert lr_scheduler_section(load_run_config(None, []).train) is None  # constant, no warm-up: none
+def test_micro_batch_size_only_splits_work():
+    """train.micro_batch_size need not divide anything: 3 prompts x 4 = 12 sequences per rank in
+    micro-batches of at most 5 are 3 micro-batches (5, 5, 2); DAPO's 4 mini-batches of 3 take 1."""
+    cfg = load_run_config(None, ["rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
+    assert (cfg.micro_batch_rows, cfg.gradient_accumulation_steps) == (5, 3)
+    dapo = load_run_config(None, ["algorithm.name=dapo", "rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
+    assert (dapo.sequences_per_optimizer_step, dapo.micro_batch_rows, dapo.gradient_accumulation_steps) == (3, 3, 1)
+    with pytest.raises(AapoError, match=r"algorithm.mini_batches=4 does not divide the 6 sequences per rank"):
+        load_run_config(None, ["algorithm.name=dapo", "rollout.prompts_per_rank=3", "rollout.group_size=2"])
 
 
 def test_scheduler_in_two_places_is_an_error():

@@ -16,8 +16,13 @@ from aapo_app.algorithms.base import (
     Algorithm,
     AlgorithmParams,
     LossOutput,
-    aggregate_loss,
+    Resampling,
+    StepCounts,
     params_fields_help,
+    sequence_weights,
+    step_counts,
+    step_metrics,
+    weighted_token_sum,
 )
 from aapo_app.errors import AapoError
 
@@ -81,7 +86,8 @@ __all__ = [
     "AlgorithmParams",
     "LossOutput",
     "aapo_advantages",
-    "aggregate_loss",
+    "Resampling",
+    "StepCounts",
     "algorithm_class",
     "algorithm_params_class",
     "build_algorithm",
@@ -92,5 +98,9 @@ __all__ = [
     "pg_cross_entropy_loss",
     "ppo_clip_loss",
     "register_algorithm",
+    "sequence_weights",
+    "step_counts",
+    "step_metrics",
+    "weighted_token_sum",
     "zero_std_groups",
 ]

@@ -16,9 +16,13 @@ rewards. Then
 - When all G rewards of a group are equal the group term is exactly 0 and only the clipped
   momentum remains, so such prompts still give a gradient (where GRPO/GPG give none). No NaN.
 - The loss is a plain cross-entropy policy gradient: no importance ratio, no PPO clipping, no KL
-  term, one on-policy update per rollout. The token mean is over the completion tokens of the
-  micro-batch; see :func:`aapo_app.algorithms.base.aggregate_loss` for how that combines with
-  gradient accumulation and data parallelism.
+  term, one on-policy optimizer step per rollout.
+- Token normalisation is the paper's Definition (Sec. 4): each group's loss is divided by its own
+  token count N_G = Σ_{o∈G} |o| and the objective is the mean over the groups of the optimizer step
+  (``loss_aggregation=group_token_mean``), computed over every micro-batch and rank of the step, so
+  it does not depend on ``train.micro_batch_size``. The authors' code (TRL 0.16) takes a plain
+  token mean per micro-batch instead, averaged over micro-batches: ``micro_batch_token_mean``
+  reproduces it (the paper's numbers were produced that way).
 
 Defects of the authors' public code that this project does not copy:
 
@@ -47,13 +51,13 @@ from aapo_app.algorithms.base import (
     Algorithm,
     AlgorithmParams,
     LossOutput,
-    aggregate_loss,
     check_rewards,
     check_token_batch,
-    masked_mean,
+    masked_sum,
     require_bool,
     require_non_negative,
     require_number,
+    weighted_token_sum,
     zero_where_masked,
 )
 from aapo_app.algorithms.grpo import group_advantages, zero_std_groups
@@ -61,8 +65,8 @@ from aapo_app.errors import AapoError
 
 #: Definitions of the stats returned by :func:`pg_cross_entropy_loss` (shared by AAPO and GPG).
 CE_LOSS_METRICS = {
-    "loss": "the micro-batch loss that was back-propagated",
-    "num_tokens": "number of counted completion tokens in the micro-batch",
+    "loss": "the update's objective: the loss of the optimizer step over all its micro-batches and ranks",
+    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
     "logprob_mean": "mean log π_θ of the counted completion tokens (minus the per-token cross-entropy)",
 }
 
@@ -75,7 +79,7 @@ def aapo_advantages(
     eps: float = 1e-4,
     clip: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
-    """AAPO advantages ``A* = group term + momentum term`` (SPEC §3).
+    """AAPO advantages ``A* = group term + momentum term`` (see the module docstring).
 
     Args:
         rewards: ``[P, G]`` rewards of the policy's samples, G >= 2.
@@ -87,7 +91,7 @@ def aapo_advantages(
 
     Returns:
         ``(advantages [P, G], diagnostics)`` with diagnostics:
-        ``zero_std_group_frac``, ``clip_low_frac``, ``clip_high_frac``, ``group_term_mean``,
+        ``zero_std_group_frac``, ``momentum_clip_low_frac``, ``momentum_clip_high_frac``, ``group_term_mean``,
         ``group_term_std``, ``momentum_mean`` (defined in ``AAPO.metrics``).
     """
     rewards = check_rewards(rewards)
@@ -113,8 +117,8 @@ def aapo_advantages(
 
     diagnostics = {
         "zero_std_group_frac": float(zero_std_groups(rewards).float().mean()),
-        "clip_low_frac": float(clipped_low.float().mean()),
-        "clip_high_frac": float(clipped_high.float().mean()),
+        "momentum_clip_low_frac": float(clipped_low.float().mean()),
+        "momentum_clip_high_frac": float(clipped_high.float().mean()),
         "group_term_mean": float(group_term.mean()),
         "group_term_std": float(group_term.std(correction=0)),
         "momentum_mean": float(momentum.mean()),
@@ -122,28 +126,30 @@ def aapo_advantages(
     return advantages, diagnostics
 
 
-def pg_cross_entropy_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor) -> LossOutput:
-    """The CE policy-gradient loss ``(1/Σ_i |o_i|) Σ_i Σ_t −log π_θ(o_i,t) · A_i`` (token mean).
+def pg_cross_entropy_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor) -> LossOutput:
+    """The CE policy-gradient loss ``Σ_i w_i Σ_t −log π_θ(o_i,t) · A_i``: with the weights of
+    ``group_token_mean`` (``w_i = 1/(K · N_g)``) this micro-batch's share of AAPO's eq. 4.
 
-    Its gradient w.r.t. ``logprobs[i, t]`` is ``−A_i / N`` on counted tokens (N = counted tokens
-    of the micro-batch) and 0 on the others. ``advantages`` are detached.
+    Its gradient w.r.t. ``logprobs[i, t]`` is ``−w_i A_i`` on counted tokens and 0 on the others.
+    ``advantages`` and ``weights`` are detached.
 
     Args:
         logprobs: ``[n, L]`` log π_θ of each completion token (with grad).
         mask: ``[n, L]`` bool, True = token counts.
         advantages: ``[n]`` one advantage per sequence.
+        weights: ``[n]`` token weight of each sequence (:func:`~aapo_app.algorithms.base.sequence_weights`).
 
     Returns:
-        :class:`LossOutput` with stats ``loss``, ``num_tokens``, ``logprob_mean``.
+        :class:`LossOutput` with stats (sums) ``loss``, ``num_tokens``, ``logprob_sum``.
     """
     check_token_batch(logprobs, mask, advantages)
     logprobs = zero_where_masked(logprobs, mask)  # [n, L]
     per_token = -logprobs * advantages.detach().to(logprobs.dtype)[:, None]  # [n, L]
-    loss = aggregate_loss(per_token, mask, "token_mean")
+    loss = weighted_token_sum(per_token, mask, weights)
     stats = {
         "loss": float(loss.detach()),
         "num_tokens": float(mask.sum()),
-        "logprob_mean": masked_mean(logprobs, mask),
+        "logprob_sum": masked_sum(logprobs, mask),
     }
     return LossOutput(loss=loss, stats=stats)
 
@@ -156,17 +162,24 @@ class CrossEntropyPGAlgorithm(Algorithm):
         logprobs: Tensor,
         mask: Tensor,
         advantages: Tensor,
+        weights: Tensor,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
     ) -> LossOutput:
         # No ratio and no KL: old_logprobs and ref_logprobs are not read.
-        return pg_cross_entropy_loss(logprobs, mask, advantages)
+        return pg_cross_entropy_loss(logprobs, mask, advantages, weights)
 
 
 @dataclass
 class AAPOParams(AlgorithmParams):
     """Parameters of AAPO (``algorithm.<field>``)."""
+
+    loss_aggregation: str = field(
+        default="group_token_mean",
+        metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS): "
+                          "'group_token_mean' is the paper's Definition (each group over its own token count, mean "
+                          "over groups); 'micro_batch_token_mean' reproduces the authors' code"},
+    )
 
     delta_low: float = field(
         default=-0.2, metadata={"help": "Lower clip bound δ_low of the momentum term r − r_ref (<= 0)."}
@@ -180,6 +193,7 @@ class AAPOParams(AlgorithmParams):
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std in the group term's denominator."})
 
     def validate(self) -> None:
+        super().validate()
         if require_number("delta_low", self.delta_low) > 0:
             raise AapoError(f"algorithm.delta_low must be <= 0 (got {self.delta_low!r})")
         if require_number("delta_high", self.delta_high) < 0:
@@ -197,8 +211,8 @@ class AAPO(CrossEntropyPGAlgorithm):
     uses_reference_samples = True
     metrics = {
         "zero_std_group_frac": "fraction of prompts whose G policy rewards are all equal (group term 0)",
-        "clip_low_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_low (r − r_ref < δ_low); 0 when clip is off",
-        "clip_high_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_high (r − r_ref > δ_high); 0 when clip is off",
+        "momentum_clip_low_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_low (r − r_ref < δ_low); 0 when clip is off",
+        "momentum_clip_high_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_high (r − r_ref > δ_high); 0 when clip is off",
         "group_term_mean": "mean over samples of the group term (r − mean)/(std + ε)",
         "group_term_std": "population std over samples of the group term",
         "momentum_mean": "mean over samples of the (clipped) momentum term clip(r − r_ref, δ_low, δ_high)",

@@ -13,8 +13,11 @@ Conventions shared by every algorithm:
   where the mask is False are never read into the loss (they may be garbage, even ``-inf``).
 - Log-probs are those of the sampled completion tokens under logits divided by the sampling
   temperature (the trainer's job; this package only consumes them).
-- ``loss()`` is called once per micro-batch; :func:`aggregate_loss` is the one place that decides
-  how per-token losses become a scalar.
+- ``loss()`` is called once per micro-batch with a weight per sequence, and returns that
+  micro-batch's share ``Σ_i w_i Σ_t ℓ_it`` of the objective of the optimizer step. The weights come
+  from :func:`sequence_weights`, computed by the update stage over *every* micro-batch of the
+  optimizer step on *every* rank before the first backward, so what is optimised never depends on
+  ``train.micro_batch_size`` or on the number of ranks (``algorithm.loss_aggregation``).
 """
 
 from __future__ import annotations
@@ -29,9 +32,6 @@ import torch
 from torch import Tensor
 
 from aapo_app.errors import AapoError
-
-AggregationMode = Literal["token_mean", "seq_mean", "constant"]
-AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
 
 
 @dataclass
@@ -50,17 +50,182 @@ class AdvantageOutput:
     parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [P, G] terms that sum to advantages
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """Dynamic sampling / regeneration: which groups count as carrying signal, and how hard to try.
+
+    Attributes:
+        max_extra_rounds: most extra rollout rounds per step.
+        min_kept_fraction: stop once at least this fraction of each rank's groups carry signal.
+        signal: ``"accuracy"``: a group carries signal when 0 < #correct < G (the DAPO paper's rule);
+            ``"reward"``: when its weighted rewards are not all equal.
+    """
+
+    max_extra_rounds: int
+    min_kept_fraction: float
+    signal: str = "accuracy"
+
+
+SIGNALS = ("accuracy", "reward")
+
+
+def check_signal(field: str, value: object) -> str:
+    """``value`` if it is one of :data:`SIGNALS`, else :class:`AapoError` naming ``algorithm.<field>``."""
+    if value not in SIGNALS:
+        raise AapoError(f"algorithm.{field} must be 'accuracy' or 'reward' (got {value!r})")
+    return value
+
+
 @dataclass
 class LossOutput:
     """What an algorithm's loss returns for one micro-batch.
 
     Attributes:
-        loss: scalar tensor, differentiable w.r.t. the ``logprobs`` given to ``loss()``.
-        stats: scalar metrics of this micro-batch; every key is defined in ``Algorithm.metrics``.
+        loss: scalar tensor, differentiable w.r.t. the ``logprobs`` given to ``loss()``: this
+            micro-batch's share of the optimizer step's objective.
+        stats: additive statistics of this micro-batch (sums, see :func:`step_metrics` for how the
+            update turns them into metrics); every resulting metric is defined in ``Algorithm.metrics``.
     """
 
     loss: Tensor  # [] scalar
     stats: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss normalisation over the optimizer step: the one place that owns it
+
+#: ``algorithm.loss_aggregation`` choices → what the objective of one optimizer step is. ``ℓ_it`` is
+#: the per-token loss of token t of sequence i, ``|o_i|`` its counted tokens; "the step" is every
+#: sequence of one optimizer step on every data-parallel rank (all its micro-batches).
+AGGREGATIONS: dict[str, str] = {
+    "group_token_mean": "each prompt group's token mean (1/N_g) Σ_{i∈g} Σ_t ℓ_it with N_g = Σ_{i∈g} |o_i|, "
+                        "averaged over the groups of the step (AAPO's Definition and eq. 4; GPG)",
+    "token_mean": "(1/N) Σ_i Σ_t ℓ_it with N the completion tokens of the whole step (DAPO's token-level loss)",
+    "seq_mean": "(1/S) Σ_i (1/|o_i|) Σ_t ℓ_it over the S sequences of the step (GRPO)",
+    "constant": "(1/S) Σ_i (1/L_max) Σ_t ℓ_it with L_max = rollout.max_new_tokens (Dr. GRPO)",
+    "micro_batch_token_mean": "the token mean of each micro-batch, averaged over the micro-batches of all ranks: "
+                              "depends on train.micro_batch_size (what the AAPO authors' TRL-based code computes)",
+}
+AggregationMode = Literal["group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean"]
+AGGREGATION_MODES: tuple[str, ...] = tuple(AGGREGATIONS)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Sizes of one optimizer step that a loss normaliser needs; summed over ranks by the caller.
+
+    ``groups`` counts the prompt groups that have at least one sequence in the step (a group split
+    over several optimizer steps counts in each of them, with the tokens it has there)."""
+
+    tokens: float
+    sequences: float
+    groups: float
+    micro_batches: float
+
+    def as_list(self) -> list[float]:
+        return [self.tokens, self.sequences, self.groups, self.micro_batches]
+
+
+def step_counts(lengths: Tensor, group_ids: Tensor, micro_ids: Tensor) -> StepCounts:
+    """This rank's :class:`StepCounts` for the sequences of one optimizer step.
+
+    Args:
+        lengths: ``[n]`` counted completion tokens of each sequence of the step on this rank.
+        group_ids: ``[n]`` prompt group of each sequence (any ints; equal = same group).
+        micro_ids: ``[n]`` micro-batch of each sequence (any ints; equal = same micro-batch).
+    """
+    return StepCounts(tokens=float(lengths.sum()), sequences=float(lengths.numel()),
+                      groups=float(torch.unique(group_ids).numel()), micro_batches=float(torch.unique(micro_ids).numel()))
+
+
+def _per_id_sum(values: Tensor, ids: Tensor) -> Tensor:
+    """``[n]``: for each position, the sum of ``values`` over the positions with the same id."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=values.dtype)
+    return sums.index_add_(0, inverse, values)[inverse]
+
+
+def sequence_weights(mode: str, lengths: Tensor, group_ids: Tensor, micro_ids: Tensor, totals: StepCounts,
+                     constant: float | None = None) -> Tensor:
+    """``[n]`` float64 weight w_i of every token of sequence i, such that the objective of the step
+    (:data:`AGGREGATIONS`) is ``Σ_i w_i Σ_t ℓ_it`` summed over the sequences of *all* ranks.
+
+    ``totals`` are the step's :class:`StepCounts` summed over ranks. Per mode (N, S, K, M: tokens,
+    sequences, groups and micro-batches of the step; N_g a group's tokens in the step, N_m a
+    micro-batch's tokens):
+
+    - group_token_mean: ``1 / (K · N_g)``      - token_mean: ``1 / N``
+    - seq_mean: ``1 / (S · |o_i|)``            - constant: ``1 / (S · constant)``
+    - micro_batch_token_mean: ``1 / (M · N_m)``
+
+    A sequence (or group, or micro-batch) without counted tokens gets weight 0 instead of 1/0;
+    it has no token to weigh anyway.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; choose from {', '.join(AGGREGATION_MODES)}")
+    if (mode == "constant") != (constant is not None):
+        raise ValueError(f"constant must be given for mode 'constant' and only for it (mode {mode!r}, constant {constant!r})")
+    if constant is not None and not constant > 0:
+        raise ValueError(f"constant must be > 0 (got {constant!r})")
+    lengths = lengths.to(torch.float64)
+
+    def inverse(x: Tensor) -> Tensor:
+        return torch.where(x > 0, 1.0 / x.clamp(min=1e-300), torch.zeros_like(x))
+
+    if mode == "group_token_mean":
+        return inverse(_per_id_sum(lengths, group_ids)) / max(totals.groups, 1.0)
+    if mode == "token_mean":
+        return torch.full_like(lengths, 1.0 / max(totals.tokens, 1.0))
+    if mode == "seq_mean":
+        return inverse(lengths) / max(totals.sequences, 1.0)
+    if mode == "constant":
+        return torch.full_like(lengths, 1.0 / (max(totals.sequences, 1.0) * float(constant)))
+    return inverse(_per_id_sum(lengths, micro_ids)) / max(totals.micro_batches, 1.0)
+
+
+def weighted_token_sum(per_token: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_i w_i Σ_t ℓ_it`` over the tokens where ``mask`` is True: this micro-batch's share of the
+    step objective (:func:`sequence_weights` gives ``weights [n]``). Garbage at masked positions is
+    never read; an all-False mask gives 0, still connected to the graph (a zero gradient)."""
+    if mask.dtype != torch.bool or mask.shape != per_token.shape:
+        raise ValueError(
+            f"mask must be a bool tensor shaped like per_token {tuple(per_token.shape)} "
+            f"(got {mask.dtype} {tuple(mask.shape)})"
+        )
+    if weights.shape != per_token.shape[:1]:
+        raise ValueError(f"weights must be [n] = [{per_token.shape[0]}] (got {tuple(weights.shape)})")
+    masked = zero_where_masked(per_token, mask)  # [n, L], 0 where the token does not count
+    return (masked.sum(dim=1) * weights.detach().to(per_token.dtype)).sum()
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> float:
+    """Sum of ``values [n, L]`` over the positions where ``mask`` is True, as a float (no gradient)."""
+    with torch.no_grad():
+        return float(zero_where_masked(values.detach(), mask).sum())
+
+
+def step_metrics(totals: dict[str, float], optimizer_steps: int) -> dict[str, float]:
+    """Turn the loss stats of an update, summed over its micro-batches and ranks, into metrics.
+
+    Conventions for the stat keys of :class:`LossOutput` (all are sums):
+
+    - ``num_tokens``: counted completion tokens → ``num_tokens`` per optimizer step;
+    - ``<x>_tokens``: tokens where something holds → ``<x>_frac``, a fraction of ``num_tokens``;
+    - ``<x>_sum``: a per-token quantity summed over counted tokens → ``<x>_mean`` per token;
+    - anything else (``loss``, ``pg_loss``): a share of the step objective → its mean per optimizer step.
+    """
+    tokens = max(totals.get("num_tokens", 0.0), 1.0)
+    out = {}
+    for key, value in totals.items():
+        if key == "num_tokens":
+            out[key] = value / optimizer_steps
+        elif key.endswith("_tokens"):
+            out[key[: -len("_tokens")] + "_frac"] = value / tokens
+        elif key.endswith("_sum"):
+            out[key[: -len("_sum")] + "_mean"] = value / tokens
+        else:
+            out[key] = value / optimizer_steps
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,8 +238,56 @@ class AlgorithmParams:
     ``metadata={"help": ...}`` string. :meth:`validate` raises :class:`AapoError` naming the field
     as ``algorithm.<field>`` and saying how to fix it."""
 
+    loss_aggregation: str = field(
+        default="group_token_mean",
+        metadata={"help": "How per-token losses are normalised over the optimizer step: "
+                          + "; ".join(f"'{k}': {v}" for k, v in AGGREGATIONS.items())},
+    )
+
+    def rollout_passes(self) -> tuple[int, int]:
+        """``(mini_batches, num_iterations)``: optimizer steps per pass over one rollout, and passes
+        (GRPO's μ). One and one (a single on-policy step) unless the algorithm has a ratio."""
+        return 1, 1
+
     def validate(self) -> None:
-        """Raise :class:`AapoError` if a value is invalid; the base class has no fields."""
+        """Raise :class:`AapoError` if a value is invalid. Subclasses call ``super().validate()``."""
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise AapoError(f"algorithm.loss_aggregation must be one of {', '.join(AGGREGATION_MODES)} "
+                            f"(got {self.loss_aggregation!r})")
+
+
+def require_int(field: str, value: object, minimum: int) -> int:
+    """``value`` itself, or :class:`AapoError` if it is not an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AapoError(f"algorithm.{field} must be an integer >= {minimum} (got {value!r})")
+    return value
+
+
+@dataclass
+class PolicyRatioParams(AlgorithmParams):
+    """Parameters shared by the algorithms with an importance ratio to the rollout's policy (GRPO,
+    Dr. GRPO, DAPO): the rollout is split into ``mini_batches`` optimizer steps, and the split is
+    passed over ``num_iterations`` times, each step's ratio taken against the log-probs of the policy
+    that sampled the rollout."""
+
+    mini_batches: int = field(
+        default=1,
+        metadata={"help": "optimizer steps per pass over a rollout: each rank's P x G sequences are split into this "
+                          "many equal, consecutive mini-batches (must divide P x G); the ratio and its clipping act "
+                          "from the second on"},
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={"help": "μ: passes over the rollout's mini-batches (mini_batches x μ optimizer steps per rollout)"},
+    )
+
+    def rollout_passes(self) -> tuple[int, int]:
+        return self.mini_batches, self.num_iterations
+
+    def validate(self) -> None:
+        super().validate()
+        require_int("mini_batches", self.mini_batches, 1)
+        require_int("num_iterations", self.num_iterations, 1)
 
 
 def require_number(field: str, value: object) -> float:
@@ -154,83 +367,6 @@ def zero_where_masked(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss aggregation: the one function that owns it
-
-
-def aggregate_loss(
-    per_token: Tensor,
-    mask: Tensor,
-    mode: AggregationMode,
-    constant: float | None = None,
-) -> Tensor:
-    """Reduce a per-token loss ``[n, L]`` over the tokens where ``mask`` is True to one scalar.
-
-    Modes (``T_i`` = number of counted tokens of sequence i, ``n`` = sequences in the micro-batch):
-
-    - ``"token_mean"``: ``Σ_i Σ_t ℓ_it / Σ_i T_i`` — mean over all completion tokens of the
-      micro-batch (AAPO, GPG, DAPO).
-    - ``"seq_mean"``: ``(1/n) Σ_i (Σ_t ℓ_it / T_i)`` — each sequence's token mean, then the mean
-      over the n sequences (GRPO). A sequence with no counted token contributes 0 and still
-      counts in ``n``.
-    - ``"constant"``: ``Σ_i Σ_t ℓ_it / (n · constant)`` — each sequence's token *sum* divided by a
-      fixed constant (the max completion length), then the mean over sequences (Dr. GRPO).
-
-    Zero tokens never give NaN: an empty micro-batch or an all-False mask gives a loss of 0 that
-    is still connected to the graph (its gradient is all zeros), so every rank can call backward.
-
-    How this combines with gradient accumulation and data parallelism in this project: the trainer
-    calls ``loss()`` once per micro-batch, DeepSpeed divides each micro-batch loss by
-    ``gradient_accumulation_steps`` and averages gradients over the data-parallel ranks, so the
-    gradient applied is that of the *mean of the per-micro-batch losses* over all micro-batches of
-    all ranks. Therefore:
-
-    - ``"token_mean"`` is a mean over the micro-batch's completion tokens, then averaged over
-      micro-batches and ranks. It equals the global token mean (every token of the optimizer step
-      weighted equally) only when every micro-batch has the same token count; otherwise a token
-      in a micro-batch with fewer tokens weighs more.
-    - ``"seq_mean"`` is exactly the global mean over sequences of each sequence's token mean
-      whenever every micro-batch has the same number of sequences, which the trainer's fixed
-      micro-batch size guarantees; token counts do not matter.
-    - ``"constant"`` is exactly the global ``Σ tokens ℓ / (#sequences · constant)`` under the same
-      condition (equal sequences per micro-batch); token counts do not matter.
-
-    Args:
-        per_token: ``[n, L]`` loss per token; values where ``mask`` is False are ignored.
-        mask: ``[n, L]`` bool, True = this token counts.
-        mode: one of ``"token_mean"``, ``"seq_mean"``, ``"constant"``.
-        constant: the divisor for ``"constant"`` (> 0); must be None for the other modes.
-    """
-    if mask.dtype != torch.bool or mask.shape != per_token.shape:
-        raise ValueError(
-            f"mask must be a bool tensor shaped like per_token {tuple(per_token.shape)} "
-            f"(got {mask.dtype} {tuple(mask.shape)})"
-        )
-    if mode not in AGGREGATION_MODES:
-        raise ValueError(f"unknown loss aggregation mode {mode!r}; choose from {', '.join(AGGREGATION_MODES)}")
-    if (mode == "constant") != (constant is not None):
-        raise ValueError(f"constant must be given for mode 'constant' and only for it (mode {mode!r}, constant {constant!r})")
-    if constant is not None and not constant > 0:
-        raise ValueError(f"constant must be > 0 (got {constant!r})")
-
-    masked = zero_where_masked(per_token, mask)  # [n, L], 0 where the token does not count
-    n_sequences = per_token.shape[0]
-    if mode == "token_mean":
-        n_tokens = mask.sum().to(per_token.dtype)
-        return masked.sum() / n_tokens.clamp(min=1.0)
-    if mode == "seq_mean":
-        tokens_per_seq = mask.sum(dim=1).to(per_token.dtype)  # [n]
-        seq_means = masked.sum(dim=1) / tokens_per_seq.clamp(min=1.0)  # [n]
-        return seq_means.sum() / max(n_sequences, 1)
-    return masked.sum() / (max(n_sequences, 1) * float(constant))
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> float:
-    """Mean of ``values [n, L]`` over the positions where ``mask`` is True (0.0 if none), as a float."""
-    with torch.no_grad():
-        return float(aggregate_loss(values.detach(), mask, "token_mean"))
-
-
-# ----------------------------------------------------------------------------------------------
 # The interface
 
 
@@ -271,26 +407,36 @@ class Algorithm(abc.ABC):
         return False
 
     @property
-    def updates_per_rollout(self) -> int:
-        """Optimizer steps taken on one rollout (GRPO's μ); > 1 needs ``old_logprobs``."""
-        return 1
+    def rollout_passes(self) -> tuple[int, int]:
+        """``(mini_batches, num_iterations)``: the rollout is split into ``mini_batches`` optimizer
+        steps and passed over ``num_iterations`` times (see :class:`PolicyRatioParams`)."""
+        return self.params.rollout_passes()
 
-    def resampling(self) -> tuple[int, float] | None:
-        """``(max_extra_rounds, min_kept_fraction)`` if the trainer should drop prompt groups whose
-        rewards are all equal and refill the batch with new prompts (DAPO's dynamic sampling), else
-        None. The trainer samples more rounds, all ranks together, until at least
-        ``min_kept_fraction`` of each rank's groups have reward spread or the rounds run out."""
-        return None
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        mini_batches, iterations = self.rollout_passes
+        return mini_batches * iterations
 
     @property
     def uses_old_logprobs(self) -> bool:
         """True if :meth:`loss` has an importance ratio π_θ/π_old that reads ``old_logprobs``.
 
-        With one update per rollout ``old_logprobs=None`` is exact (the loss then uses
-        ``logprobs.detach()``: ratio 1, same gradient), so the trainer only needs to compute them
+        With one optimizer step per rollout ``old_logprobs=None`` is exact (the loss then uses
+        ``logprobs.detach()``: ratio 1, same gradient), so the update stage only computes them
         when it takes more than one optimizer step per rollout.
         """
         return False
+
+    def aggregation(self, max_new_tokens: int) -> tuple[str, float | None]:
+        """``(mode, constant)`` for :func:`sequence_weights`: ``algorithm.loss_aggregation``, and the
+        rollout's max new tokens as the constant of the ``constant`` mode."""
+        mode = self.params.loss_aggregation
+        return mode, (float(max_new_tokens) if mode == "constant" else None)
+
+    def resampling(self) -> Resampling | None:
+        """How the trainer should drop prompt groups without signal and refill the batch with new
+        prompts (DAPO's dynamic sampling, GPG's regeneration), or None."""
+        return None
 
     @abc.abstractmethod
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
@@ -303,20 +449,21 @@ class Algorithm(abc.ABC):
         logprobs: Tensor,
         mask: Tensor,
         advantages: Tensor,
+        weights: Tensor,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
     ) -> LossOutput:
-        """The loss of one micro-batch.
+        """One micro-batch's share ``Σ_i w_i Σ_t ℓ_it`` of the optimizer step's objective.
 
         Args:
             logprobs: ``[n, L]`` log π_θ of each completion token (logits / temperature), with grad.
             mask: ``[n, L]`` bool, True = completion token that counts.
             advantages: ``[n]`` advantage of each sequence (the flattened ``[P, G]`` rows).
-            old_logprobs: ``[n, L]`` log π_old at rollout time, or None (one update per rollout).
+            weights: ``[n]`` token weight of each sequence from :func:`sequence_weights` (computed
+                over the whole optimizer step on every rank).
+            old_logprobs: ``[n, L]`` log π_old at rollout time, or None (one step per rollout).
             ref_logprobs: ``[n, L]`` log π_ref of the same tokens, needed when
                 ``uses_reference_logprobs``.
-            max_completion_length: the rollout's max new tokens (for constant aggregation).
         """
 
 

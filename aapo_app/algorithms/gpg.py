@@ -9,7 +9,9 @@ For each prompt the policy samples G completions with rewards r_1..r_G, and
 
 std is Bessel-corrected (``torch.std``), ε = 1e-4. Groups whose rewards are all equal carry no
 gradient; dividing by α rescales the rest so the gradient's size does not shrink with the fraction
-of such groups. The loss is the same CE policy gradient as AAPO (token mean, no ratio, no KL).
+of such groups. The loss is the same CE policy gradient as AAPO (no ratio, no KL), normalised
+like AAPO's by default: each group's token sum over the group's token count, averaged over the groups
+of the optimizer step (``loss_aggregation=group_token_mean``), independent of the micro-batch size.
 
 Departures from the authors' code (AMAP-ML GPG, built on open-r1/TRL):
 
@@ -21,8 +23,9 @@ Departures from the authors' code (AMAP-ML GPG, built on open-r1/TRL):
 - α is computed over the ``[P, G]`` rewards passed in (the authors' code uses the rewards gathered
   over all processes); the trainer decides which batch that is.
 - The authors' batch-level std option (``scale_batch``) is not provided.
-- The optional regeneration until at least half the groups have std > 0 belongs to the rollout
-  stage, not to this module.
+- The optional regeneration until at least half the groups carry signal belongs to the rollout
+  stage, not to this module. Which groups carry signal is ``keep_groups_by``: by default
+  ``accuracy`` (0 < #correct < G), as DAPO's filter; ``reward`` is the paper's reward std > 0.
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ from aapo_app.algorithms.aapo import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
     AlgorithmParams,
+    Resampling,
     check_rewards,
+    check_signal,
     require_bool,
+    require_int,
     require_number,
     require_non_negative,
 )
@@ -81,6 +87,12 @@ def gpg_advantages(
 class GPGParams(AlgorithmParams):
     """Parameters of GPG (``algorithm.<field>``)."""
 
+    loss_aggregation: str = field(
+        default="group_token_mean",
+        metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
+                          "default as AAPO's: each group over its own token count, mean over groups"},
+    )
+
     f_norm: str = field(
         default="std",
         metadata={"help": "Advantage denominator F_norm: 'std' (group std + eps) or 'one' (no scaling)."},
@@ -88,7 +100,13 @@ class GPGParams(AlgorithmParams):
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std when f_norm is 'std'."})
     regenerate: bool = field(
         default=False,
-        metadata={"help": "Sample more prompts until at least min_valid_frac of the groups have reward std > 0."},
+        metadata={"help": "Sample more prompts until at least min_valid_frac of the groups carry signal "
+                          "(see keep_groups_by)."},
+    )
+    keep_groups_by: str = field(
+        default="accuracy",
+        metadata={"help": "Which groups count as carrying signal for regeneration: 'accuracy' (0 < #correct < G) or "
+                          "'reward' (weighted rewards not all equal, the GPG paper's std > 0)."},
     )
     min_valid_frac: float = field(
         default=0.5, metadata={"help": "Fraction of groups with reward spread that regeneration aims for, in (0, 1]."}
@@ -98,15 +116,15 @@ class GPGParams(AlgorithmParams):
     )
 
     def validate(self) -> None:
+        super().validate()
         if self.f_norm not in F_NORMS:
             raise AapoError(f"algorithm.f_norm must be 'std' or 'one' (got {self.f_norm!r})")
         require_non_negative("eps", self.eps)
         require_bool("regenerate", self.regenerate)
         if not 0 < require_number("min_valid_frac", self.min_valid_frac) <= 1:
             raise AapoError(f"algorithm.min_valid_frac must be in (0, 1] (got {self.min_valid_frac!r})")
-        tries = self.max_regenerate_tries
-        if isinstance(tries, bool) or not isinstance(tries, int) or tries < 0:
-            raise AapoError(f"algorithm.max_regenerate_tries must be an integer >= 0 (got {tries!r})")
+        check_signal("keep_groups_by", self.keep_groups_by)
+        require_int("max_regenerate_tries", self.max_regenerate_tries, 0)
 
 
 @register_algorithm
@@ -124,10 +142,13 @@ class GPG(CrossEntropyPGAlgorithm):
 
     params: GPGParams
 
-    def resampling(self) -> tuple[int, float] | None:
+    def resampling(self) -> Resampling | None:
         # the GPG paper regenerates until at least half the groups carry signal; the set-aside flat
         # groups top the batch up again, so alpha still sees them
-        return (self.params.max_regenerate_tries, self.params.min_valid_frac) if self.params.regenerate else None
+        if not self.params.regenerate:
+            return None
+        p = self.params
+        return Resampling(p.max_regenerate_tries, p.min_valid_frac, p.keep_groups_by)
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         advantages, diagnostics = gpg_advantages(rewards, f_norm=self.params.f_norm, eps=self.params.eps)

@@ -6,19 +6,26 @@ For each prompt the policy samples a group of G completions with rewards r_1..r_
     ρ_i,t   = π_θ(o_i,t) / π_old(o_i,t)
     k3_i,t  = π_ref(o_i,t)/π_θ(o_i,t) − log(π_ref(o_i,t)/π_θ(o_i,t)) − 1
     ℓ_i,t   = −min(ρ_i,t · A_i, clip(ρ_i,t, 1 − ε_clip, 1 + ε_clip) · A_i) + β · k3_i,t
-    L       = (1/n) Σ_i (1/|o_i|) Σ_t ℓ_i,t                     per-sequence token mean, then batch mean
+    L       = (1/S) Σ_i (1/|o_i|) Σ_t ℓ_i,t                     per-sequence token mean, then mean
+                                                                over the S sequences of the step
 
 with ε_clip = 0.2 and β = 0.04 by default (the objective maximises the clipped surrogate − β·KL;
 the loss is its negation). β = 0 drops the KL term and the need for reference log-probs.
+
+Update schedule: each rank's rollout is split into ``mini_batches`` consecutive mini-batches, one
+optimizer step each, and the split is passed over ``num_iterations`` (μ) times; the ratio is always
+taken against π_old, the policy that sampled the rollout. The default, one mini-batch and μ = 1, is
+DeepSeekMath's and TRL's (ρ = 1 and the clipping never acts). The mean over sequences is over the
+whole optimizer step on every rank, whatever ``train.micro_batch_size`` is.
 
 This module also holds the pieces other algorithms share: :func:`group_advantages` (AAPO's group
 term, GPG's (r − mean)/F_norm), :func:`zero_std_groups`, :func:`ppo_clip_loss` and :func:`k3_kl`.
 
 Departures from the authors' code: the GRPO paper published no training code; the comparison
 implementation is TRL's ``GRPOTrainer``, which this follows for ε = 1e-4 in the denominator, the
-k3 estimator and ``old_logprobs = logprobs.detach()`` when there is one update per rollout. Unlike
-recent TRL defaults, the loss is the paper's per-sequence token mean then batch mean
-(``aggregate_loss(..., "seq_mean")``), not a token mean over the batch. A group whose rewards are
+k3 estimator and ``old_logprobs = logprobs.detach()`` when there is one optimizer step per rollout.
+Unlike recent TRL defaults, the loss is the paper's per-sequence token mean then mean over sequences
+(``loss_aggregation=seq_mean``), not a token mean over the batch. A group whose rewards are
 all equal gets advantages exactly 0 (TRL relies on ε to turn 0/0 into 0/ε = 0).
 """
 
@@ -35,12 +42,13 @@ from aapo_app.algorithms.base import (
     Algorithm,
     AlgorithmParams,
     LossOutput,
-    aggregate_loss,
+    PolicyRatioParams,
     check_rewards,
     check_token_batch,
-    masked_mean,
+    masked_sum,
     require_non_negative,
     require_number,
+    weighted_token_sum,
     zero_where_masked,
 )
 from aapo_app.errors import AapoError
@@ -120,103 +128,119 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
-def clipped_pg_kl_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Tensor | None,
-                       ref_logprobs: Tensor | None, epsilon: float, beta: float, mode: str,
-                       constant: float | None = None) -> LossOutput:
-    """The PPO-clipped policy-gradient loss plus β·k3 KL, aggregated by ``mode`` (GRPO: "seq_mean";
-    Dr. GRPO: "constant"). Stats: loss, pg_loss, clip_frac, num_tokens, and kl_mean when
-    ``ref_logprobs`` is given."""
+def clipped_pg_kl_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor,
+                       old_logprobs: Tensor | None, ref_logprobs: Tensor | None, eps_low: float, eps_high: float,
+                       beta: float) -> LossOutput:
+    """The PPO-clipped policy-gradient loss plus β·k3 KL, weighted per sequence (``weights``, from
+    :func:`~aapo_app.algorithms.base.sequence_weights`): this micro-batch's share of the step
+    objective. Stats (sums, see :func:`~aapo_app.algorithms.base.step_metrics`): loss, pg_loss,
+    num_tokens, ratio_clip_tokens, ratio_clip_low_tokens, ratio_clip_high_tokens, and kl_sum when
+    β > 0 (the reference log-probs are read only then)."""
     logprobs = zero_where_masked(logprobs, mask)  # [n, L]
-    # One update per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
+    # One optimizer step per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
     old = logprobs.detach() if old_logprobs is None else old_logprobs
-    pg_per_token, clipped = ppo_clip_loss(logprobs, old, advantages.detach(), mask, epsilon, epsilon)
+    advantages = advantages.detach()
+    pg_per_token, clipped = ppo_clip_loss(logprobs, old, advantages, mask, eps_low, eps_high)
     per_token = pg_per_token  # [n, L]
     stats: dict[str, float] = {}
-    if ref_logprobs is not None:
+    if beta > 0:  # only a KL term reads the reference log-probs
         kl = k3_kl(logprobs, zero_where_masked(ref_logprobs, mask))  # [n, L], 0 where masked
-        if beta > 0:
-            per_token = per_token + beta * kl
-        stats["kl_mean"] = masked_mean(kl, mask)
-    loss = aggregate_loss(per_token, mask, mode, constant=constant)
-    n_tokens = int(mask.sum())
+        per_token = per_token + beta * kl
+        stats["kl_sum"] = masked_sum(kl, mask)
+    loss = weighted_token_sum(per_token, mask, weights)
+    # a clipped token with A > 0 has ρ > 1 + ε_high; one with A < 0 has ρ < 1 − ε_low
+    positive = (advantages > 0)[:, None]  # [n, 1]
     stats.update(
         loss=float(loss.detach()),
-        pg_loss=float(aggregate_loss(pg_per_token.detach(), mask, mode, constant=constant)),
-        clip_frac=float(clipped.sum()) / max(n_tokens, 1),
-        num_tokens=float(n_tokens),
+        pg_loss=float(weighted_token_sum(pg_per_token.detach(), mask, weights)),
+        num_tokens=float(mask.sum()),
+        ratio_clip_tokens=float(clipped.sum()),
+        ratio_clip_high_tokens=float((clipped & positive).sum()),
+        ratio_clip_low_tokens=float((clipped & ~positive).sum()),
     )
     return LossOutput(loss=loss, stats=stats)
 
 
+def check_epsilon(name: str, value: object, upper: float | None = 1.0) -> None:
+    number = require_number(name, value)
+    if not number > 0 or (upper is not None and not number < upper):
+        bound = f"in (0, {upper:g})" if upper is not None else "> 0"
+        raise AapoError(f"algorithm.{name} must be {bound} (got {value!r})")
+
+
 @dataclass
-class GRPOParams(AlgorithmParams):
+class GRPOParams(PolicyRatioParams):
     """Parameters of GRPO (``algorithm.<field>``)."""
 
+    loss_aggregation: str = field(
+        default="seq_mean",
+        metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
+                          "GRPO's paper: 'seq_mean', each sequence's token mean averaged over the sequences"},
+    )
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the ratio: clip(ρ, 1 − ε, 1 + ε)."})
     beta: float = field(
         default=0.04, metadata={"help": "Weight of the k3 KL penalty to the reference model; 0 disables it."}
     )
     eps: float = field(default=1e-4, metadata={"help": "Added to the group reward std in the advantage denominator."})
-    num_iterations: int = field(
-        default=1,
-        metadata={"help": "μ: optimizer steps per rollout; > 1 reuses the batch with the ratio to the rollout's "
-                          "log-probs (old_logprobs)."},
-    )
 
     def validate(self) -> None:
-        epsilon = require_number("epsilon", self.epsilon)
-        if not 0 < epsilon < 1:
-            raise AapoError(f"algorithm.epsilon must be in (0, 1) (got {self.epsilon!r})")
+        super().validate()
+        check_epsilon("epsilon", self.epsilon)
         require_non_negative("beta", self.beta)
         require_non_negative("eps", self.eps)
-        mu = self.num_iterations
-        if isinstance(mu, bool) or not isinstance(mu, int) or mu < 1:
-            raise AapoError(f"algorithm.num_iterations must be an integer >= 1 (got {mu!r})")
 
 
 CLIPPED_PG_METRICS = {
     "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-    "loss": "the micro-batch loss that was back-propagated",
-    "kl_mean": "mean k3 KL(π_θ ‖ π_ref) over counted tokens (logged when reference log-probs are given)",
-    "clip_frac": "fraction of counted tokens where the clipped PPO term is active (no gradient)",
-    "num_tokens": "number of counted completion tokens in the micro-batch",
+    "loss": "the update's objective: the loss of each optimizer step (all its micro-batches and ranks), averaged "
+            "over the optimizer steps of the training step",
+    "pg_loss": "the PPO clipped-surrogate part of loss, without the KL term",
+    "kl_mean": "mean k3 KL(π_θ ‖ π_ref) per counted token (logged when β > 0)",
+    "ratio_clip_frac": "fraction of counted tokens (all optimizer steps of the update) whose ratio ρ = π_θ/π_old was "
+                       "clipped: the clipped PPO term is active and the token gets no gradient",
+    "ratio_clip_low_frac": "fraction of counted tokens clipped below: A < 0 and ρ < 1 − ε_low",
+    "ratio_clip_high_frac": "fraction of counted tokens clipped above: A > 0 and ρ > 1 + ε_high",
+    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
 }
 
 
 class ClippedPGKLAlgorithm(Algorithm):
-    """What GRPO and Dr. GRPO share: the PPO-clipped ratio to the rollout's log-probs plus an
-    optional β·k3 KL to the reference (:func:`clipped_pg_kl_loss`). A subclass names itself in
-    ``label`` and chooses how the per-token loss is aggregated (:meth:`aggregation`)."""
+    """What GRPO, Dr. GRPO and DAPO share: the PPO-clipped ratio to the rollout's log-probs
+    (``clip_range``) plus an optional β·k3 KL to the reference (:func:`clipped_pg_kl_loss`)."""
 
     label = ""
 
     @property
+    def beta(self) -> float:
+        return self.params.beta
+
+    def clip_range(self) -> tuple[float, float]:
+        """``(ε_low, ε_high)`` of the ratio."""
+        return self.params.epsilon, self.params.epsilon
+
+    @property
     def uses_reference_logprobs(self) -> bool:
-        return self.params.beta > 0
+        return self.beta > 0
 
     @property
     def uses_old_logprobs(self) -> bool:
         return True
-
-    def aggregation(self, mask: Tensor, max_completion_length: int | None) -> tuple[str, float | None]:
-        """``(mode, constant)`` for :func:`aggregate_loss`."""
-        raise NotImplementedError
 
     def loss(
         self,
         logprobs: Tensor,
         mask: Tensor,
         advantages: Tensor,
+        weights: Tensor,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
-        max_completion_length: int | None = None,
     ) -> LossOutput:
         check_token_batch(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-        mode, constant = self.aggregation(mask, max_completion_length)
-        if self.params.beta > 0 and ref_logprobs is None:
+        if self.beta > 0 and ref_logprobs is None:
             raise ValueError(f"{self.label} with beta > 0 needs ref_logprobs")
-        return clipped_pg_kl_loss(logprobs, mask, advantages, old_logprobs, ref_logprobs,
-                                  self.params.epsilon, self.params.beta, mode, constant=constant)
+        eps_low, eps_high = self.clip_range()
+        return clipped_pg_kl_loss(logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
+                                  eps_low, eps_high, self.beta)
 
 
 @register_algorithm
@@ -226,23 +250,13 @@ class GRPO(ClippedPGKLAlgorithm):
     name = "grpo"
     Params = GRPOParams
     uses_reference_samples = False
-    metrics = {
-        **CLIPPED_PG_METRICS,
-        "pg_loss": "the PPO clipped-surrogate part of the loss (seq_mean), without the KL term",
-    }
+    metrics = CLIPPED_PG_METRICS
 
     label = "GRPO"
     params: GRPOParams
-
-    @property
-    def updates_per_rollout(self) -> int:
-        return self.params.num_iterations
 
     def advantages(self, rewards: Tensor, ref_rewards: Tensor | None = None) -> AdvantageOutput:
         rewards = check_rewards(rewards)
         advantages = group_advantages(rewards, eps=self.params.eps, scale_by_std=True)  # [P, G]
         diagnostics = {"zero_std_group_frac": float(zero_std_groups(rewards).float().mean())}
         return AdvantageOutput(advantages=advantages, diagnostics=diagnostics)
-
-    def aggregation(self, mask: Tensor, max_completion_length: int | None) -> tuple[str, float | None]:
-        return "seq_mean", None
