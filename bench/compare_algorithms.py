@@ -75,9 +75,15 @@ def report(out: Path, algorithms, seeds, threshold: float) -> str:
     data = load(out, algorithms, seeds)
     lines = [
         f"| algorithm | held-out accuracy after (%) | before (%) | steps to train acc ≥ {threshold:.0%} "
-        "(3-step mean) | training-loss variance | seeds |",
-        "|---|---|---|---|---|---|",
+        "(3-step mean) | training-loss variance | zero-std groups | ratio-clipped tokens | extra rollout rounds "
+        "| optimizer steps / step | s / step | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def step_mean(runs, key):
+        values = [m[key] for r in runs.values() for m in r[1:] if key in m]
+        return f"{statistics.fmean(values):.3g}" if values else "–"
+
     for algo in algorithms:
         runs = data.get(algo, {})
         after = [100 * r[-1]["eval/accuracy"] for r in runs.values() if "eval/accuracy" in r[-1]]
@@ -90,7 +96,10 @@ def report(out: Path, algorithms, seeds, threshold: float) -> str:
         r_m, r_s = mean_std(reached)
         v_m, v_s = mean_std(loss_var)
         reach_text = f"{r_m:.1f} ± {r_s:.1f} ({len(reached)}/{len(reach)} reached)" if reached else f"never (0/{len(reach)})"
-        lines.append(f"| {algo} | {a_m:.1f} ± {a_s:.1f} | {b_m:.1f} | {reach_text} | {v_m:.2e} ± {v_s:.1e} | {len(runs)} |")
+        lines.append(f"| {algo} | {a_m:.1f} ± {a_s:.1f} | {b_m:.1f} | {reach_text} | {v_m:.2e} ± {v_s:.1e} "
+                     f"| {step_mean(runs, 'algo/zero_std_group_frac')} | {step_mean(runs, 'algo/ratio_clip_frac')} "
+                     f"| {step_mean(runs, 'resample_rounds')} | {step_mean(runs, 'optimizer_steps')} "
+                     f"| {step_mean(runs, 'step_seconds')} | {len(runs)} |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     plot(data, out / "curves.png")

@@ -75,6 +75,7 @@ def assert_same_steps(a, b, steps):
     for step in steps:
         for key in ("reward/mean", "advantage/mean", "algo/zero_std_group_frac", "completion_len/mean"):
             assert a[step][key] == b[step][key], (step, key)  # same samples, same rewards
+        assert a[step]["lr"] == b[step]["lr"], step  # the schedule resumes where it was
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-7), step
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4), step
 
@@ -85,17 +86,20 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, world):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run(command(world, train_args(tiny_model_dir, straight)))
+    schedule = ["train.lr_scheduler=cosine", "train.warmup_steps=1"]  # the lr scheduler's state resumes too
+    run(command(world, train_args(tiny_model_dir, straight) + schedule))
     # the same run, killed (SIGKILL, every process) as soon as the step-2 checkpoint exists
-    proc = start_and_wait(command(world, train_args(tiny_model_dir, killed)),
+    proc = start_and_wait(command(world, train_args(tiny_model_dir, killed) + schedule),
                           lambda: (killed / "checkpoints" / "step-2").is_dir())
     kill_all(proc)
     assert not (killed / "summary.json").exists()
-    resumed = run(command(world, train_args(tiny_model_dir, killed) + ["--resume", "latest"]))
+    resumed = run(command(world, train_args(tiny_model_dir, killed) + schedule + ["--resume", "latest"]))
     assert "resumed from" in resumed.stderr
     a, b = metrics(straight), metrics(killed)
     assert sorted(b) == [0, 1, 2, 3, 4]  # steps the killed run logged after step 2 were cut
     assert_same_steps(a, b, [3, 4])
+    # cosine over 4 steps after 1 warm-up step: 1, then 0.5(1 + cos(pi/3)) = 0.75, then 0.25 of 1e-2
+    assert [a[s]["lr"] for s in (1, 2, 3, 4)] == pytest.approx([1e-2, 1e-2, 0.75e-2, 0.25e-2])
     assert json.loads((killed / "summary.json").read_text())["eval_after"] == a[4]["eval/accuracy"]
     from safetensors.torch import load_file
 
