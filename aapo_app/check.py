@@ -89,8 +89,10 @@ def check_config(config_path, ds_config, ref_ds_config, world_size: int, overrid
         f"algorithm: {cfg.algorithm.name} (reference samples: {algorithm.uses_reference_samples}, "
         f"reference log-probs: {algorithm.uses_reference_logprobs})",
         f"batch: {world_size} rank(s) x {cfg.rollout.prompts_per_rank} prompts x G {G} = "
-        f"{per_step * G} completions per step; micro-batch {cfg.train.micro_batch_size} x accumulation "
-        f"{cfg.gradient_accumulation_steps} per rank (train_batch_size {ds_p['train_batch_size']})",
+        f"{per_step * G} completions per step; {cfg.optimizer_steps_per_rollout} optimizer step(s) per step "
+        f"({cfg.mini_batches} mini-batch(es) x {algorithm.rollout_passes[1]} pass(es)), each micro-batch "
+        f"{cfg.micro_batch_rows} x accumulation {cfg.gradient_accumulation_steps} per rank "
+        f"(train_batch_size {ds_p['train_batch_size']}); loss normalised by {cfg.algorithm.params.loss_aggregation}",
         f"data: {len(train)} training prompts ({len(train) // per_step} steps per pass), {len(held_out)} held out",
         f"rewards: {', '.join(f'{k} x {v}' for k, v in cfg.rewards.weights.items())}",
         *notes,

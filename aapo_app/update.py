@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aapo_app.algorithms import sequence_weights, step_counts, step_metrics
+from aapo_app.algorithms import StepCounts, sequence_weights, step_counts, step_metrics
 from aapo_app.batches import ScoredBatch
+from aapo_app.engine import all_reduce_sum, device
 
 
 def _trim(sequences, attention_mask, completion_mask, prompt_width):
@@ -58,20 +59,11 @@ def split_rows(n: int, mini_batches: int, micro_batch_size: int) -> list[list[sl
             for start in range(0, n, size)]
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    from aapo_app.engine import all_reduce_sum
-
-    return all_reduce_sum(values)
-
-
 def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, temperature: float,
            max_new_tokens: int) -> dict[str, float]:
     """``algorithm.optimizer_steps_per_rollout`` optimizer steps on the scored batch; returns the loss,
     gradient norm, learning rate and the algorithm's update metrics (the same on every rank)."""
     import torch.distributed as dist
-
-    from aapo_app.algorithms.base import StepCounts
-    from aapo_app.engine import device
 
     start = time.perf_counter()
     samples = scored.rollout.policy
@@ -109,7 +101,7 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
         rows = torch.cat([torch.arange(n)[mb.rows] for mb in step])
         micro_ids = torch.cat([torch.full((mb.rows.stop - mb.rows.start,), i) for i, mb in enumerate(step)])
         local = step_counts(lengths[rows], group_ids[rows], micro_ids)
-        totals = StepCounts(*_all_reduce(local.as_list()))
+        totals = StepCounts(*all_reduce_sum(local.as_list()))
         w = sequence_weights(mode, lengths[rows], group_ids[rows], micro_ids, totals, constant)
         weights.append(list(torch.split(w, [mb.rows.stop - mb.rows.start for mb in step])))
 
@@ -131,7 +123,7 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
             norm = policy.engine.get_global_grad_norm()
             grad_norms.append(float(norm) if norm is not None else float("nan"))
     keys = sorted(stats_sum)
-    totals = dict(zip(keys, _all_reduce([stats_sum[k] for k in keys])))
+    totals = dict(zip(keys, all_reduce_sum([stats_sum[k] for k in keys])))
     algo_metrics = step_metrics(totals, mini_batches * iterations)
     seconds = time.perf_counter() - start
     metrics = {
