@@ -161,7 +161,8 @@ def _rows(s: Samples, rows: torch.Tensor) -> Samples:
 def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int,
                   counts: dict[str, int] | None = None) -> RolloutBatch:
     """A new batch made of whole groups ``(batch, group index)``, padded to common widths, with their
-    grades where the batches have them (``counts``: the grading counts of the merged batch)."""
+    grades where the batches have them (``counts``: the grading counts of the policy samples of every
+    round that was graded for it)."""
     G = picks[0][0].group_size
     first = picks[0][0]
     rows = [(batch, torch.arange(i * G, (i + 1) * G)) for batch, i in picks]
@@ -173,11 +174,11 @@ def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int,
         ref_logprobs = torch.cat([torch.nn.functional.pad(b.ref_logprobs[r], (0, width - b.ref_logprobs.shape[1]))
                                   for b, r in rows])
 
-    def grades(name: str) -> Grades | None:
+    def grades(name: str, counts: dict[str, int] | None = None) -> Grades | None:
         if getattr(first, name) is None:
             return None
         return Grades.concat([getattr(b, name).rows(r) for b, r in rows], counts)
 
     return RolloutBatch(examples=[b.examples[i] for b, i in picks], group_size=G, policy=policy, reference=reference,
-                        ref_logprobs=ref_logprobs, policy_grades=grades("policy_grades"),
+                        ref_logprobs=ref_logprobs, policy_grades=grades("policy_grades", counts),
                         reference_grades=grades("reference_grades"))
