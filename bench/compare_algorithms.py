@@ -76,8 +76,8 @@ def report(out: Path, algorithms, seeds, threshold: float) -> str:
     lines = [
         f"| algorithm | held-out accuracy after (%) | before (%) | steps to train acc ≥ {threshold:.0%} "
         "(3-step mean) | training-loss variance | zero-std groups | ratio-clipped tokens | extra rollout rounds "
-        "| optimizer steps / step | s / step | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer steps / step | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def step_mean(runs, key):
@@ -98,8 +98,7 @@ def report(out: Path, algorithms, seeds, threshold: float) -> str:
         reach_text = f"{r_m:.1f} ± {r_s:.1f} ({len(reached)}/{len(reach)} reached)" if reached else f"never (0/{len(reach)})"
         lines.append(f"| {algo} | {a_m:.1f} ± {a_s:.1f} | {b_m:.1f} | {reach_text} | {v_m:.2e} ± {v_s:.1e} "
                      f"| {step_mean(runs, 'algo/zero_std_group_frac')} | {step_mean(runs, 'algo/ratio_clip_frac')} "
-                     f"| {step_mean(runs, 'resample_rounds')} | {step_mean(runs, 'optimizer_steps')} "
-                     f"| {step_mean(runs, 'step_seconds')} | {len(runs)} |")
+                     f"| {step_mean(runs, 'resample_rounds')} | {step_mean(runs, 'optimizer_steps')} | {len(runs)} |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     plot(data, out / "curves.png")
