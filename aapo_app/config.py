@@ -303,8 +303,7 @@ class RunConfig:
 
     @property
     def optimizer_steps_per_rollout(self) -> int:
-        mini_batches, iterations = self.algorithm.params.rollout_passes()
-        return mini_batches * iterations
+        return self.algorithm.params.optimizer_steps_per_rollout()
 
     @property
     def sequences_per_optimizer_step(self) -> int:

@@ -26,7 +26,7 @@ import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -106,7 +106,6 @@ AGGREGATIONS: dict[str, str] = {
     "micro_batch_token_mean": "the token mean of each micro-batch, averaged over the micro-batches of all ranks: "
                               "depends on train.micro_batch_size (what the AAPO authors' TRL-based code computes)",
 }
-AggregationMode = Literal["group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean"]
 AGGREGATION_MODES: tuple[str, ...] = tuple(AGGREGATIONS)
 
 
@@ -248,6 +247,11 @@ class AlgorithmParams:
         """``(mini_batches, num_iterations)``: optimizer steps per pass over one rollout, and passes
         (GRPO's μ). One and one (a single on-policy step) unless the algorithm has a ratio."""
         return 1, 1
+
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimizer steps one rollout takes: mini-batches x passes."""
+        mini_batches, iterations = self.rollout_passes()
+        return mini_batches * iterations
 
     def validate(self) -> None:
         """Raise :class:`AapoError` if a value is invalid. Subclasses call ``super().validate()``."""
@@ -414,8 +418,7 @@ class Algorithm(abc.ABC):
 
     @property
     def optimizer_steps_per_rollout(self) -> int:
-        mini_batches, iterations = self.rollout_passes
-        return mini_batches * iterations
+        return self.params.optimizer_steps_per_rollout()
 
     @property
     def uses_old_logprobs(self) -> bool:
