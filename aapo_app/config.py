@@ -382,6 +382,11 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
         return _check_type(name, value, args[0])
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        raise AapoError(f"{name} must be one of {', '.join(str(c) for c in choices)} (got {value!r})")
     if tp is bool:
         if isinstance(value, bool):
             return value
