@@ -1,5 +1,6 @@
-"""``aapo check-config``: validate a run before launching it on a cluster, and the length check
-that ``aapo train`` runs too."""
+"""``aapo check-config``: validate a run before launching it on a cluster, with the checks
+``aapo train`` runs (:func:`aapo_app.builder.plan_run`) for any world size, plus DeepSpeed's own
+parser; what depends on the machine it will run on (CUDA, vLLM) is reported, not required."""
 
 from __future__ import annotations
 
@@ -8,29 +9,6 @@ import json
 import yaml
 
 from aapo_app.errors import AapoError
-
-LENGTH_SAMPLE = 512  # training prompts measured (plus every held-out prompt)
-
-
-def check_lengths(tokenizer, max_positions: int | None, prompts: list[str], cfg, add_special_tokens: bool) -> int:
-    """The longest prompt in tokens; an error if it plus ``rollout.max_new_tokens`` (or the held-out
-    ``train.eval_max_new_tokens``) exceeds the model's context."""
-    if not prompts:
-        return 0
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"])
-    if max_positions:
-        for key, new in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-                         ("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens)):
-            if longest + new > max_positions:
-                raise AapoError(f"{key}={new} plus the longest prompt ({longest} tokens) exceeds the model's context "
-                                f"of {max_positions} positions; lower {key} to at most {max(max_positions - longest, 0)} "
-                                f"or use shorter prompts")
-    return longest
-
-
-def sample_prompts(examples, eval_examples, render) -> list[str]:
-    return [render(ex.problem) for ex in list(eval_examples) + list(examples[:LENGTH_SAMPLE])]
-
 
 def _deepspeed_accepts(ds: dict, world: int, option: str) -> None:
     import importlib
@@ -48,30 +26,20 @@ def _deepspeed_accepts(ds: dict, world: int, option: str) -> None:
 def check_config(config_path, ds_config, ref_ds_config, world_size: int, overrides: list[str]) -> str:
     """Everything ``aapo train`` would check before building engines, for ``world_size`` ranks, plus
     DeepSpeed's own parser; returns a report (resolved config, filled DeepSpeed configs, summary)."""
-    from aapo_app.algorithms import build_algorithm
+    from aapo_app.builder import check_prompt_lengths, plan_run
     from aapo_app.config import load_run_config
-    from aapo_app.data import load_examples, render_prompt
-    from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-    from aapo_app.models import resolve_model_path
 
     if world_size < 1:
         raise AapoError(f"--world-size must be >= 1 (got {world_size})")
     cfg = load_run_config(config_path, overrides)
-    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
-    ds_p = fill_ds_config(read_ds_config(ds_config, DEFAULT_POLICY_CONFIG), cfg, world_size)
-    ds_r = fill_ds_config(read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config"), cfg,
-                          world_size, training=False)
+    plan = plan_run(cfg, ds_config, ref_ds_config, world=world_size, here=False)
+    algorithm, ds_p, ds_r = plan.algorithm, plan.ds_policy, plan.ds_ref
     _deepspeed_accepts(ds_p, world_size, "--ds-config")
     _deepspeed_accepts(ds_r, world_size, "--ref-ds-config")
-    train, held_out = load_examples(cfg.data, cfg.train.seed)
+    train, held_out = plan.train_examples, plan.eval_examples
     per_step = cfg.rollout.prompts_per_rank * world_size
-    if len(train) < per_step:
-        raise AapoError(f"data: {len(train)} training prompts but a step takes {per_step} "
-                        f"(rollout.prompts_per_rank x {world_size} ranks); add data or lower rollout.prompts_per_rank")
-    notes = []
-    resolve_model_path(cfg.model.path, convert=False)
+    notes = list(plan.notes)
     model_dir = _local_model_dir(cfg.model.path)
-    longest = None
     if model_dir is None:
         notes.append(f"prompt lengths vs context: not checked ({cfg.model.path} is not available locally)")
     else:
@@ -79,9 +47,7 @@ def check_config(config_path, ds_config, ref_ds_config, world_size: int, overrid
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
-        chat = bool(cfg.data.use_chat_template and tokenizer.chat_template)
-        prompts = sample_prompts(train, held_out, lambda p: render_prompt(tokenizer, p, cfg.data))
-        longest = check_lengths(tokenizer, max_pos, prompts, cfg, add_special_tokens=not chat)
+        longest = check_prompt_lengths(tokenizer, max_pos, cfg, train, held_out)
         notes.append(f"longest prompt {longest} tokens + {cfg.rollout.max_new_tokens} new tokens "
                      f"<= context {max_pos}")
     G = cfg.rollout.group_size

@@ -143,3 +143,93 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
 def checkpoint_bytes(model_numel: int, param_bytes: int, world: int) -> int:
     """Rough size of one checkpoint: HF weights + fp32 master weights and two Adam moments."""
     return model_numel * (param_bytes + 12) + 64 * 2**20 * world
+
+
+class Checkpointer:
+    """Saving and restoring one run's checkpoints (the layout in the module docstring). Every method
+    is collective: all ranks call it."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, keep: int):
+        self.run_dir, self.rank, self.world, self.keep = Path(run_dir), rank, world, keep
+
+    def check_disk_space(self, policy) -> None:
+        """Refuse to start when one checkpoint would not fit on the run directory's disk."""
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters())
+        need = checkpoint_bytes(numel, 4, self.world)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise AapoError(f"--output-dir: {free / 2**30:.1f} GiB free on the run directory's disk, one checkpoint needs "
+                            f"about {need / 2**30:.1f} GiB; free space, choose another --output-dir, or set "
+                            f"train.save_final=false train.save_every=0")
+
+    def save(self, step: int, policy, tokenizer, sampler, state: dict) -> Path:
+        """Save everything a resume needs as ``checkpoints/step-<step>``: written under ``.tmp`` and
+        renamed once every rank is done, so a kill or a full disk leaves the previous checkpoint
+        intact; then keep only the newest ``keep``. ``state`` (rank 0's) goes to ``trainer_state.json``
+        with the step and the world size."""
+        from aapo_app.engine import barrier
+
+        final = self.run_dir / "checkpoints" / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that was killed
+            tmp.mkdir(parents=True, exist_ok=True)
+        barrier()
+        failure = ""
+        try:
+            policy.save_pretrained(tmp, tokenizer)
+            policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            (tmp / "ranks").mkdir(exist_ok=True)
+            torch.save(rank_state(sampler), tmp / "ranks" / f"rank{self.rank}.pt")
+            if self.rank == 0:
+                full = {"step": step, "world_size": self.world, **state}
+                (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
+        except OSError as exc:
+            failure = f"{exc.strerror or exc}"
+        failures = failure if self.world == 1 else self._gather_failure(failure)
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = sorted(checkpoint_dirs(self.run_dir))
+            kept = f"the previous checkpoint step-{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise AapoError(f"checkpoint step-{step} could not be written ({failures}); {kept}; free disk space "
+                            f"or lower train.keep_checkpoints, then resume with --resume latest")
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            prune(self.run_dir, self.keep)
+        barrier()
+        return final
+
+    def _gather_failure(self, failure: str) -> str:
+        """Any rank's save error, on every rank (so that all of them stop together)."""
+        import torch.distributed as dist
+
+        box = [None] * self.world
+        dist.all_gather_object(box, failure)
+        return "; ".join(sorted({f for f in box if f}))
+
+    def restore(self, step_dir: Path, policy, sampler) -> dict:
+        """Load a checkpoint into the policy engine (weights, optimizer, scheduler), the prompt sampler
+        and the RNGs, cut the run's logs back to its step, and return its ``trainer_state.json``."""
+        from aapo_app.engine import barrier
+
+        state = read_state(step_dir)
+        if state.get("world_size") != self.world:
+            raise AapoError(f"--resume: the checkpoint was written by {state.get('world_size')} ranks and this run has "
+                            f"{self.world}; resume with the same number of ranks")
+        load_path, _ = policy.engine.load_checkpoint(str(step_dir / "deepspeed"), tag="state",
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise AapoError(f"--resume: DeepSpeed could not load {step_dir / 'deepspeed'}; resume from another step")
+        rank_file = step_dir / "ranks" / f"rank{self.rank}.pt"
+        try:
+            restore_rank_state(torch.load(rank_file, weights_only=False), sampler)
+        except (OSError, KeyError, ValueError) as exc:
+            raise AapoError(f"--resume: cannot read {rank_file} ({exc}); resume from another step") from exc
+        step = int(state["step"])
+        if self.rank == 0:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+        truncate_jsonl(self.run_dir / "rollouts" / f"rank{self.rank}.jsonl", step)
+        barrier()
+        return state

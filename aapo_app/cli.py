@@ -180,6 +180,10 @@ def _install_stop_handlers(trainer) -> None:
 
 
 @main.command("eval", context_settings={"show_default": True})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Evaluation settings (YAML or JSON): protocol, prompt_template, system_prompt, use_chat_template, "
+                   "temperature, top_p, top_k, max_new_tokens, n_samples, k, seed, batch_size, limit, backend, "
+                   "sampler, verify_timeout_s. KEY=VALUE arguments and the flags below override it.")
 @click.option("--model", "models", multiple=True,
               help="Model to evaluate (hub id, HF directory, .gguf, embedded:smollm2-135m-instruct); repeat for "
                    "several rows. Without --model or --run: the embedded default.")
@@ -188,9 +192,10 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--benchmarks", default="all", help="all, or a comma list of aime24, math500, amc23, minerva, olympiadbench.")
 @click.option("--data-dir", default=None, help="Local benchmark files laid out like ../shared/benchmarks "
                                                 "(<dir>/aime24/test.jsonl, ...); default: the hub datasets.")
-@click.option("--protocol", default="lighteval", type=click.Choice(["lighteval", "simplerl"]),
+@click.option("--protocol", default=None, type=click.Choice(["lighteval", "simplerl"]),
               help="lighteval: chat template, Qwen evaluation prompt, T 0.6, top-p 0.95, 32768 tokens, math-verify. "
-                   "simplerl: no system prompt, T 1.0, top-p 0.95, 3072 tokens, Qwen2.5-Math extraction/equality.")
+                   "simplerl: no system prompt, T 1.0, top-p 0.95, 3072 tokens, Qwen2.5-Math extraction/equality. "
+                   "Default: the --config file's, else lighteval.")
 @click.option("--temperature", type=float, default=None, help="Override the protocol's temperature.")
 @click.option("--top-p", type=float, default=None, help="Override the protocol's top-p.")
 @click.option("--top-k", type=int, default=None, help="Top-k sampling (0 = off).")
@@ -205,10 +210,11 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
 @click.option("--batch-size", type=int, default=None, help="Problems per generation batch (default 8).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default 0).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf",
-              help="hf: the engine's generation mode (CPU or GPU); vllm: vLLM on each rank's GPU.")
-@click.option("--sampler", type=click.Choice(["aapo", "hf"]), default="aapo",
-              help="With --backend hf: aapo's decoding loop (faster, same distribution) or transformers' generate.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
+              help="hf: the engine's generation mode (CPU or GPU); vllm: vLLM on each rank's GPU. [default: hf]")
+@click.option("--sampler", type=click.Choice(["aapo", "hf"]), default=None,
+              help="With --backend hf: aapo's decoding loop (faster, same distribution) or transformers' generate. "
+                   "[default: aapo]")
 @click.option("--ds-config", type=click.Path(dir_okay=False), default=None,
               help="DeepSpeed inference config for --backend hf (default ds_configs/zero3_inference_cpu.json, "
                    "zero3_inference_bf16.json on CUDA).")
@@ -218,23 +224,28 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation in --output-dir: batches it "
                                              "already sampled are read back, not sampled again.")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
-def eval_command(models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
+@click.argument("overrides", nargs=-1)
+def eval_command(config_path, models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
                  max_new_tokens, system_prompt, prompt_template, no_chat_template, n_samples, k_text, limit,
-                 batch_size, seed, backend, sampler, ds_config, output_dir, verify_timeout, resume, local_rank):
+                 batch_size, seed, backend, sampler, ds_config, output_dir, verify_timeout, resume, local_rank,
+                 overrides):
     """Evaluate models on the paper's math benchmarks: pass@1 / pass@k, a markdown table, results.json
-    and every sample in samples.jsonl. Run under the deepspeed launcher to shard problems over ranks."""
+    and every sample in samples.jsonl. Run under the deepspeed launcher to shard problems over ranks.
+
+    OVERRIDES are KEY=VALUE settings on top of --config, e.g. temperature=0.8 n_samples=4 k=1,4."""
     try:
         _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, dict(
             temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, max_new_tokens=max_new_tokens,
             system_prompt=system_prompt, prompt_template=prompt_template, n_samples=n_samples, limit=limit,
             batch_size=batch_size, seed=seed, backend=backend, sampler=sampler, verify_timeout_s=verify_timeout,
-            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir, resume)
+            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir, resume,
+            config_path, list(overrides))
     except AapoError as exc:
         _fail(str(exc))
 
 
-def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, k_text, ds_config, output_dir,
-              resume=False):
+def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, flags, k_text, ds_config, output_dir,
+              resume=False, config_path=None, overrides=()):
     import shutil
     import time
     from datetime import datetime, timezone
@@ -251,8 +262,8 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
 
     # every check that user input can fail runs before any engine is built
     if k_text is not None:
-        overrides["k"] = E.parse_k(k_text)
-    settings = E.protocol_settings(protocol, **overrides)
+        flags["k"] = E.parse_k(k_text)
+    settings = E.eval_settings(config_path, overrides, protocol, **flags)
     names = parse_benchmark_names(benchmarks)
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise AapoError(f"--data-dir: '{data_dir}' is not a directory; point it at benchmark files laid out like "
@@ -264,7 +275,9 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, overrides, 
     for spec in specs:
         resolve_model_path(spec.path, convert=False)
     if settings.backend == "vllm":
-        E.check_vllm()
+        from aapo_app.vllm_engine import check_vllm_machine
+
+        check_vllm_machine(None, "--backend vllm", "--backend hf")
     default_ds = DEFAULT_EVAL_CONFIG_GPU if torch.cuda.is_available() else DEFAULT_REFERENCE_CONFIG
     ds = read_ds_config(ds_config, default_ds)
 
@@ -385,7 +398,7 @@ def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, s
     """Sample G reference completions for every training prompt of a run config once, score them with
     the run's rewards, and store them in --out, keyed by prompt and fingerprinted by the reference
     model, sampling settings, rewards and prompt rendering. Train on them with
-    rollout.reference=cached:DIR. Resumable (run it again), data-parallel under the deepspeed launcher."""
+    rollout.reference_cache=DIR. Resumable (run it again), data-parallel under the deepspeed launcher."""
     from aapo_app import reference_cache
     from aapo_app.config import load_run_config
 
@@ -409,7 +422,7 @@ def reference_rollouts_command(config_path, out_dir, ds_config, batch_prompts, s
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         click.echo(f"reference cache {out_dir}: {counts['total']} prompts ({counts['sampled']} sampled now, "
-                   f"{counts['cached_before']} already there); train with rollout.reference=cached:{out_dir}")
+                   f"{counts['cached_before']} already there); train with rollout.reference_cache={out_dir}")
 
 
 class _AnswerArgsCommand(click.Command):

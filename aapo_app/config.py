@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -53,19 +53,18 @@ class RolloutConfig:
     top_k: int = _f(0, "top-k sampling (0 = off)")
     generation_batch_size: int = _f(0, "sequences per generation call (0 = all of a rank's prompts x G at once; "
                                        "sampler=aapo rounds it down to whole prompt groups)")
-    sampler: str = _f(
+    sampler: Literal["aapo", "hf"] = _f(
         "aapo",
         "'aapo': aapo's decoding loop (one prefill per prompt, preallocated KV cache, finished sequences "
-        "dropped; the same distribution as generate, faster: README 'Speed'); 'hf': transformers' generate. "
+        "dropped; the same distribution as generate, faster); 'hf': transformers' generate. "
         "gather=layerwise and the DeepSpeed hybrid engine always use generate",
     )
-    reference: str = _f(
-        "online",
-        "where AAPO's reference group comes from: 'online' (sampled from the frozen reference every step, as "
-        "in the paper) or 'cached:DIR' (groups stored once by `aapo reference-rollouts`, checked against "
-        "this run's fingerprint)",
+    reference_cache: str = _f(
+        "",
+        "AAPO's reference group read from this directory, built once by `aapo reference-rollouts` and checked "
+        "against this run's fingerprint; empty: sampled from the frozen reference every step, as in the paper",
     )
-    gather: str = _f(
+    gather: Literal["full", "layerwise"] = _f(
         "full",
         "'full': gather all ZeRO-3 partitions once and generate on a plain copy sharing them (fast); "
         "'layerwise': generate on the partitioned model, gathering one layer at a time (synced_gpus) "
@@ -74,28 +73,11 @@ class RolloutConfig:
     deepspeed_hybrid_engine: bool = _f(
         False, "use DeepSpeed's own hybrid engine kernels (only OPT/BLOOM/GPT-J/GPT-Neo(X)/LLaMA/InternLM)"
     )
-    backend: str = _f(
+    backend: Literal["deepspeed", "vllm"] = _f(
         "deepspeed",
         "who generates the rollouts: 'deepspeed' (the engine's generation mode, CPU or GPU) or 'vllm' "
-        "(GPU; README 'vLLM rollouts'); the held-out evaluation uses the same backend",
+        "(GPU; the vllm section); the held-out evaluation uses the same backend",
     )
-    vllm_mode: str = _f(
-        "colocate",
-        "backend=vllm: 'colocate' (a vLLM engine inside each training rank on its GPU, asleep during the "
-        "update) or 'server' (a separate `vllm serve`, rollout.vllm_server_url)",
-    )
-    vllm_gpu_memory_utilization: float = _f(
-        0.3, "colocate: fraction of the GPU's memory each vLLM engine takes (weights + KV cache) while awake")
-    vllm_sleep_level: int = _f(
-        1, "colocate: how the policy engine sleeps during the update: 1 (weights to CPU memory, KV cache "
-           "freed), 2 (both freed; every weight is pushed again on waking), 0 (never sleeps)")
-    vllm_dtype: str = _f("auto", "vLLM weight dtype: auto (the checkpoint's), bfloat16, float16 or float32")
-    vllm_max_num_seqs: int = _f(0, "colocate: sequences vLLM runs at once (0 = a rank's prompts x G)")
-    vllm_server_url: str = _f("", "server: the policy's `vllm serve` URL, e.g. http://10.0.0.5:8000")
-    vllm_reference_url: str = _f(
-        "", "server: a second `vllm serve` holding the reference weights, for AAPO's reference group "
-            "(not needed with rollout.reference=cached:DIR)")
-    vllm_timeout_s: float = _f(240.0, "server: seconds to wait for the servers to answer at start-up")
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -110,55 +92,65 @@ class RolloutConfig:
             raise AapoError(f"rollout.top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.generation_batch_size < 0:
             raise AapoError("rollout.top_k and rollout.generation_batch_size must be >= 0")
-        if self.reference != "online" and not (self.reference.startswith("cached:") and self.reference[7:].strip()):
-            raise AapoError(f"rollout.reference must be 'online' or 'cached:DIR' (got '{self.reference}')")
-        if self.sampler not in ("aapo", "hf"):
-            raise AapoError(f"rollout.sampler must be 'aapo' or 'hf' (got '{self.sampler}')")
-        if self.gather not in ("full", "layerwise"):
-            raise AapoError(f"rollout.gather must be 'full' or 'layerwise' (got '{self.gather}')")
-        self._validate_vllm()
-
-    def _validate_vllm(self) -> None:
-        if self.backend not in ("deepspeed", "vllm"):
-            raise AapoError(f"rollout.backend must be 'deepspeed' or 'vllm' (got '{self.backend}')")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise AapoError(f"rollout.vllm_mode must be 'colocate' or 'server' (got '{self.vllm_mode}')")
-        if not 0 < self.vllm_gpu_memory_utilization < 1:
-            raise AapoError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1) "
-                            f"(got {self.vllm_gpu_memory_utilization})")
-        if self.vllm_sleep_level not in (0, 1, 2):
-            raise AapoError(f"rollout.vllm_sleep_level must be 0, 1 or 2 (got {self.vllm_sleep_level})")
-        if self.vllm_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise AapoError(f"rollout.vllm_dtype must be auto, bfloat16, float16 or float32 (got '{self.vllm_dtype}')")
-        if self.vllm_max_num_seqs < 0 or not self.vllm_timeout_s > 0:
-            raise AapoError("rollout.vllm_max_num_seqs must be >= 0 and rollout.vllm_timeout_s > 0")
-        if self.backend != "vllm":
-            return
-        if self.gather != "full" or self.deepspeed_hybrid_engine:
+        if self.backend == "vllm" and (self.gather != "full" or self.deepspeed_hybrid_engine):
             raise AapoError("rollout.backend=vllm generates outside DeepSpeed: rollout.gather=layerwise and "
                             "rollout.deepspeed_hybrid_engine do not apply; remove them")
-        if self.vllm_mode == "server":
-            from aapo_app.vllm_engine import server_endpoint
 
-            endpoints = {}
-            for name in ("vllm_server_url", "vllm_reference_url"):
-                url = getattr(self, name)
-                if url and not url.startswith(("http://", "https://")):
-                    raise AapoError(f"rollout.{name} must be an http(s):// URL (got '{url}')")
-                try:
-                    endpoints[name] = server_endpoint(url) if url else None
-                except ValueError:
-                    raise AapoError(f"rollout.{name} must be http(s)://HOST:PORT with a port number from 1 to 65535 "
-                                    f"(got '{url}')") from None
-            if not self.vllm_server_url:
-                raise AapoError("rollout.vllm_mode=server needs rollout.vllm_server_url=http://HOST:PORT of a "
-                                "running `vllm serve` (README 'vLLM rollouts')")
-            # by host, port and path, every spelling of this machine as one (localhost, 127.0.0.1, ::1, ...); the
-            # addresses they resolve to and what the servers compute are compared when they are reached
-            if endpoints["vllm_reference_url"] == endpoints["vllm_server_url"]:
-                raise AapoError("rollout.vllm_reference_url is the policy's server (same host and port as "
-                                "rollout.vllm_server_url): the reference group would be sampled from the trained "
-                                "weights; start a second server with the reference model and give its URL")
+
+@dataclass
+class VLLMConfig:
+    """vLLM rollouts (``rollout.backend=vllm``, GPU): where the engines run and how much they take."""
+
+    mode: Literal["colocate", "server"] = _f(
+        "colocate",
+        "'colocate' (a vLLM engine inside each training rank on its GPU, asleep during the update) or "
+        "'server' (a separate `vllm serve`, vllm.server_url)",
+    )
+    gpu_memory_utilization: float = _f(
+        0.3, "colocate: fraction of the GPU's memory each vLLM engine takes (weights + KV cache) while awake")
+    sleep_level: Literal[0, 1, 2] = _f(
+        1, "colocate: how the policy engine sleeps during the update: 1 (weights to CPU memory, KV cache "
+           "freed), 2 (both freed; every weight is pushed again on waking), 0 (never sleeps)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "vLLM weight dtype: auto (the checkpoint's), bfloat16, float16 or float32")
+    max_num_seqs: int = _f(0, "colocate: sequences vLLM runs at once (0 = a rank's prompts x G)")
+    server_url: str = _f("", "server: the policy's `vllm serve` URL, e.g. http://10.0.0.5:8000")
+    reference_url: str = _f(
+        "", "server: a second `vllm serve` holding the reference weights, for AAPO's reference group "
+            "(not needed with rollout.reference_cache)")
+    timeout_s: float = _f(240.0, "server: seconds to wait for the servers to answer at start-up")
+
+    def validate(self) -> None:
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise AapoError(f"vllm.gpu_memory_utilization must be in (0, 1) (got {self.gpu_memory_utilization})")
+        if self.max_num_seqs < 0 or not self.timeout_s > 0:
+            raise AapoError("vllm.max_num_seqs must be >= 0 and vllm.timeout_s > 0")
+        if self.mode != "server":
+            return
+        from aapo_app.vllm_engine import server_endpoint
+
+        endpoints = {}
+        for name in ("server_url", "reference_url"):
+            url = getattr(self, name)
+            if url and not url.startswith(("http://", "https://")):
+                raise AapoError(f"vllm.{name} must be an http(s):// URL (got '{url}')")
+            try:
+                endpoints[name] = server_endpoint(url) if url else None
+            except ValueError:
+                raise AapoError(f"vllm.{name} must be http(s)://HOST:PORT with a port number from 1 to 65535 "
+                                f"(got '{url}')") from None
+        # by host, port and path, every spelling of this machine as one (localhost, 127.0.0.1, ::1, ...); the
+        # addresses they resolve to and what the servers compute are compared when they are reached
+        if endpoints["reference_url"] is not None and endpoints["reference_url"] == endpoints["server_url"]:
+            raise AapoError("vllm.reference_url is the policy's server (same host and port as vllm.server_url): the "
+                            "reference group would be sampled from the trained weights; start a second server with "
+                            "the reference model and give its URL")
+
+    def validate_for(self, rollout: RolloutConfig) -> None:
+        """What only matters when vLLM generates the rollouts."""
+        if rollout.backend == "vllm" and self.mode == "server" and not self.server_url:
+            raise AapoError("vllm.mode=server needs vllm.server_url=http://HOST:PORT of a running `vllm serve` "
+                            "(docs/vllm.md)")
 
 
 @dataclass
@@ -221,7 +213,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in training steps (x the algorithm's optimizer steps per "
                               "rollout); optimizer step k of W warm-up steps takes k/W of the peak, so none is at lr 0")
-    lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")
+    lr_scheduler: Literal["constant", "cosine"] = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")
     min_lr_ratio: float = _f(0.0, "cosine schedule: final learning rate as a fraction of train.learning_rate (the 1.5B recipe: 0.1)")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
     micro_batch_size: int = _f(8, "most sequences per forward/backward (gradient accumulation splits each optimizer step "
@@ -251,8 +243,6 @@ class TrainConfig:
             raise AapoError(f"train.learning_rate must be > 0 (got {self.learning_rate})")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise AapoError("train.warmup_steps, eval_every, max_grad_norm and weight_decay must be >= 0")
-        if self.lr_scheduler not in ("constant", "cosine"):
-            raise AapoError(f"train.lr_scheduler must be constant or cosine (got {self.lr_scheduler!r})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise AapoError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if self.warmup_steps > self.max_steps:
@@ -278,14 +268,16 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = _f("", "run directory (default: runs/<algorithm>-<UTC time>)")
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.rollout, self.rewards, self.train):
+        for section in (self.model, self.data, self.rollout, self.vllm, self.rewards, self.train):
             section.validate()
+        self.vllm.validate_for(self.rollout)
         self.algorithm.params.validate()
         sequences = self.rollout.prompts_per_rank * self.rollout.group_size
         mini_batches = self.mini_batches
@@ -424,15 +416,33 @@ def build_dataclass(cls: type, data: dict | None, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise AapoError(f"{prefix}.{unknown[0]} is not a known key; valid keys: {', '.join(sorted(names))}")
+        where = f"{prefix}.{unknown[0]}" if prefix else f"'{unknown[0]}'"
+        raise AapoError(f"{where} is not a known key; valid keys: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, value, f"{prefix}.{key}")
+            kwargs[key] = build_dataclass(tp, value, f"{prefix}.{key}" if prefix else key)
         else:
-            kwargs[key] = _check_type(f"{prefix}.{key}", value, tp)
+            kwargs[key] = _check_type(f"{prefix}.{key}" if prefix else key, value, tp)
     return cls(**kwargs)
+
+
+# keys that moved: a config written for an earlier version gets one line saying where each went
+RENAMED = {**{f"rollout.vllm_{k}": f"vllm.{k}" for k in ("mode", "gpu_memory_utilization", "sleep_level", "dtype",
+                                                          "max_num_seqs", "server_url", "reference_url", "timeout_s")},
+           "rollout.reference": "rollout.reference_cache (a directory; leave it empty to sample online)"}
+
+
+def _check_renamed(data: dict) -> None:
+    for old, new in RENAMED.items():
+        section, _, key = old.partition(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            value = data[section][key]
+            if old == "rollout.reference" and value == "online":
+                raise AapoError("rollout.reference was renamed: drop rollout.reference=online (sampling online is "
+                                "the default)")
+            raise AapoError(f"{old} was renamed to {new}; change the key (got {old}={value!r})")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -442,6 +452,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
     data = read_config_file(path) if path else copy.deepcopy(base or {})
     data = apply_overrides(data, list(overrides or []))
+    _check_renamed(data)
     algo = data.pop("algorithm", None) or {}
     if not isinstance(algo, dict):
         raise AapoError("algorithm must be a mapping with a name (e.g. algorithm: {name: aapo})")

@@ -716,7 +716,9 @@ def _fingerprint(examples: Sequence[PromptExample]) -> str:
 
 
 def render_prompt(tokenizer: Any, problem: str, cfg: DataConfig) -> str:
-    """The text the policy is prompted with.
+    """The text the policy is prompted with, in training and in evaluation alike (``cfg`` is the
+    run's ``data`` section or ``aapo eval``'s settings: anything with ``prompt_template``,
+    ``system_prompt`` and ``use_chat_template``).
 
     The user message is ``cfg.prompt_template`` with ``{problem}`` replaced. With ``cfg.use_chat_template``
     and a tokenizer that has a chat template, the result is
@@ -734,3 +736,26 @@ def render_prompt(tokenizer: Any, problem: str, cfg: DataConfig) -> str:
     if cfg.system_prompt:
         return f"{cfg.system_prompt}\n\n{user}\n"
     return f"{user}\n"
+
+
+class PromptStyle:
+    """:func:`render_prompt` for one tokenizer and one set of prompt settings, and how its prompts are
+    tokenized: chat-templated text carries its special tokens already (``add_special_tokens`` is
+    False then)."""
+
+    def __init__(self, tokenizer: Any, cfg: Any):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.chat = bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return not self.chat
+
+    def render(self, problem: str) -> str:
+        return render_prompt(self.tokenizer, problem, self.cfg)
+
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """Each rendered prompt's length in tokens."""
+        if not prompts:
+            return []
+        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]]

@@ -8,9 +8,10 @@ pass@1 (mean over samples) and unbiased pass@k. Because batch composition and se
 the global batch index, a run on N ranks computes exactly the batches a 1-rank run computes, and
 gives the same numbers.
 
-Backends: ``hf`` runs ``generate`` on the engine's generation mode (a ZeRO-3 inference engine,
-the same code path as training rollouts); ``vllm`` runs vLLM's offline ``LLM`` on each rank's GPU
-with one seeded request per problem.
+Backends (:func:`aapo_app.builder.eval_generator`, the same generators training rollouts use):
+``hf`` samples on a ZeRO-3 inference engine's generation mode; ``vllm`` runs vLLM's offline
+``LLM`` on each rank's GPU with one seeded request per completion. Prompts are rendered by the
+same :func:`aapo_app.data.render_prompt` as training prompts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from aapo_app.benchmarks import BENCHMARKS, Problem
 from aapo_app.errors import AapoError
@@ -51,8 +53,8 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8  # problems per generation batch (x n_samples rows)
     limit: int | None = None
-    backend: str = "hf"
-    sampler: str = "aapo"  # --backend hf: aapo's decoding loop or transformers' generate
+    backend: Literal["hf", "vllm"] = "hf"
+    sampler: Literal["aapo", "hf"] = "aapo"  # --backend hf: aapo's decoding loop or transformers' generate
     verify_timeout_s: float = 10.0
     grader_workers: int | None = None
 
@@ -66,13 +68,34 @@ PROTOCOLS: dict[str, EvalSettings] = {
 }
 
 
-def protocol_settings(protocol: str, **overrides) -> EvalSettings:
-    """The protocol's defaults with every non-None override applied, validated."""
+def eval_settings(config_path=None, overrides=(), protocol: str | None = None, **flags) -> EvalSettings:
+    """``aapo eval``'s settings: the protocol's defaults, then the ``--config`` file (a mapping of
+    :class:`EvalSettings` fields, ``protocol`` among them), then ``key=value`` overrides, then the
+    command's flags (shorthands, None when not given); type-checked and validated."""
+    from aapo_app.config import apply_overrides, build_dataclass, read_config_file
+
+    data = dict(read_config_file(config_path)) if config_path else {}
+    data = apply_overrides(data, list(overrides))
+    name = data.pop("protocol", None)
+    name = protocol or name or "lighteval"
+    if name not in PROTOCOLS:
+        raise AapoError(f"protocol: unknown protocol '{name}'; choose {' or '.join(PROTOCOLS)}")
+    if "k" in data:
+        k = data["k"]
+        data["k"] = parse_k(",".join(map(str, k)) if isinstance(k, (list, tuple)) else str(k))
+    merged = {**asdict(PROTOCOLS[name]), **data, "protocol": name}
+    merged["k"] = tuple(merged["k"])
+    return protocol_settings(name, base=build_dataclass(EvalSettings, merged, ""), **flags)
+
+
+def protocol_settings(protocol: str, base: EvalSettings | None = None, **overrides) -> EvalSettings:
+    """``base`` (default: the protocol's defaults) with every non-None override applied, validated."""
     if protocol not in PROTOCOLS:
         raise AapoError(f"--protocol: unknown protocol '{protocol}'; choose {' or '.join(PROTOCOLS)}")
     greedy = overrides.pop("greedy", False)
     known = {f.name for f in fields(EvalSettings)}
-    settings = replace(PROTOCOLS[protocol], **{k: v for k, v in overrides.items() if v is not None and k in known})
+    settings = replace(base or PROTOCOLS[protocol],
+                       **{k: v for k, v in overrides.items() if v is not None and k in known})
     if greedy:
         settings.temperature = None
     validate_settings(settings)
@@ -99,7 +122,7 @@ def validate_settings(s: EvalSettings) -> None:
     if s.temperature is None and s.n_samples > 1:
         raise AapoError("--greedy gives one answer per problem; drop --greedy or use --n-samples 1")
     if s.backend not in ("hf", "vllm"):
-        raise AapoError(f"--backend must be hf or vllm (got {s.backend})")
+        raise AapoError(f"backend must be one of hf, vllm (got {s.backend!r})")
 
 
 def parse_k(text: str) -> tuple[int, ...]:
@@ -139,103 +162,6 @@ def benchmark_scores(records: list[dict], ks: tuple[int, ...]) -> dict:
         scores[status] = sum(r["status"] == status for r in records)
     scores["truncated"] = sum(bool(r.get("truncated")) for r in records)
     return scores
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def render_eval_prompt(tokenizer, problem: str, s: EvalSettings) -> tuple[str, bool]:
-    """(prompt text, add_special_tokens): the chat template when asked for and available."""
-    user = s.prompt_template.replace("{problem}", problem)
-    if s.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": s.system_prompt}] if s.system_prompt else [])
-        messages.append({"role": "user", "content": user})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
-    text = f"{s.system_prompt}\n\n{user}" if s.system_prompt else user
-    return text, True
-
-
-# --------------------------------------------------------------------------- generation backends
-
-
-def check_vllm() -> None:
-    """A one-line error unless vLLM can run here (installed, and a CUDA GPU)."""
-    from aapo_app.vllm_engine import check_vllm as check
-
-    check("--backend vllm", "--backend hf")
-
-
-class Backend:
-    """What both backends share: prompt lengths in tokens and a session around a rank's batches."""
-
-    tokenizer = None
-    max_positions: int | None = None
-
-    def session(self):
-        import contextlib
-
-        return contextlib.nullcontext(None)
-
-    def prompt_tokens(self, prompt: str, add_special_tokens: bool) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-class HFBackend(Backend):
-    """Sampling on a ZeRO-3 inference engine's generation mode (the training rollout's code path)."""
-
-    def __init__(self, model_path: str, ds_config: dict, tokenizer):
-        from aapo_app.engine import ZeroModel
-        from aapo_app.models import load_causal_lm
-        from aapo_app.rollout import eos_token_ids
-
-        self.model = ZeroModel(load_causal_lm(model_path, ds_config=ds_config), ds_config, trainable=False,
-                               gather="full")
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_token_ids(tokenizer, self.model.module)
-        self.max_positions = getattr(self.model.module.config, "max_position_embeddings", None)
-
-    def session(self):
-        """Gather the weights once for all of a rank's batches (collective on entry and exit)."""
-        return self.model.generation_mode()
-
-    def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
-                 max_new_tokens: int) -> list[dict]:
-        from aapo_app.rollout import encode_prompts, sample_in_mode
-
-        ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
-        out = sample_in_mode(gen, self.tokenizer, ids, mask, sampler=s.sampler, num_samples=s.n_samples,
-                             max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                             seed=seed, chunk=0, eos_ids=self.eos_ids)
-        return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
-                for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
-
-
-class VLLMBackend(Backend):
-    """vLLM's offline engine in this process on this rank's GPU (the training rollouts' colocated
-    engine, :class:`aapo_app.vllm_engine.ColocatedVLLM`); one request per completion with its own
-    seed, so the samples do not depend on how requests are batched."""
-
-    def __init__(self, model_path: str, tokenizer, seed: int, dtype: str = "auto"):
-        from aapo_app.rollout import checkpoint_eos_ids
-        from aapo_app.vllm_engine import ColocatedVLLM
-
-        check_vllm()
-        self.tokenizer = tokenizer
-        self.engine = ColocatedVLLM(model_path, seed=seed, sleep_level=0, gpu_memory_utilization=0.85,
-                                    max_model_len=None, max_num_seqs=256, dtype=dtype, role="evaluation")
-        self.eos_ids = checkpoint_eos_ids(tokenizer, model_path)
-        self.max_positions = self.engine.max_model_len
-
-    def generate(self, gen, prompts: list[str], add_special_tokens: bool, s: EvalSettings, seed: int,
-                 max_new_tokens: int) -> list[dict]:
-        from aapo_app.rollout import encode_prompts
-
-        ids, mask = encode_prompts(self.tokenizer, prompts, add_special_tokens)
-        out = self.engine.sample(self.tokenizer, ids, mask, num_samples=s.n_samples, max_new_tokens=max_new_tokens,
-                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
-                                 eos_ids=self.eos_ids)
-        return [{"completion": t, "tokens": int(n), "truncated": bool(tr)}
-                for t, n, tr in zip(out.texts, out.lengths.tolist(), out.truncated.tolist())]
 
 
 # --------------------------------------------------------------------------- the run
@@ -329,11 +255,13 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
     the journal are taken from it instead of being sampled again."""
     from tqdm import tqdm
 
-    from aapo_app.models import load_tokenizer, resolve_model_path_rank0_first
+    from aapo_app.builder import eval_generator, open_model
+    from aapo_app.data import PromptStyle
+    from aapo_app.generation import Sampling, encode_prompts
     from aapo_app.rollout import stream_seed
 
-    path = resolve_model_path_rank0_first(spec.path, rank)
-    tokenizer = load_tokenizer(path)
+    files = open_model(spec.path, rank)
+    style = PromptStyle(files.tokenizer, s)
     benchmarks = list(problems)
     batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark
     for name in benchmarks:
@@ -347,26 +275,27 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
     todo = [batch for batch in mine if (batch[0], batch[1]) not in done]
     if rank == 0 and done:
         log(f"resuming: {len(done)} of {len(batches)} batches already sampled for {spec.label}")
-    backend = (VLLMBackend(path, tokenizer, s.seed) if s.backend == "vllm"
-               else HFBackend(path, ds_config, tokenizer))
+    generator = eval_generator(s.backend, files, ds_config, seed=s.seed, sampler=s.sampler)
+    context = generator.max_model_len
     bar = tqdm(total=sum(len(p) for _, _, p in todo), desc=f"aapo eval [{spec.label}]", unit="problem",
                disable=rank != 0, file=sys.stderr, dynamic_ncols=True)
     capped = False
-    with backend.session() as gen:
+    with generator.session():  # the weights gathered once for all of this rank's batches (collective)
         for name, b, items in todo:
-            rendered = [render_eval_prompt(tokenizer, p.problem, s) for p in items]
-            prompts, add_special = [r[0] for r in rendered], rendered[0][1]
+            prompts = [style.render(p.problem) for p in items]
             max_new = s.max_new_tokens
-            if backend.max_positions:
-                room = backend.max_positions - max(backend.prompt_tokens(p, add_special) for p in prompts)
+            if context:
+                room = context - max(style.lengths(prompts))
                 if room < max_new:
                     max_new, capped = max(1, room), True
-            outs = backend.generate(gen, prompts, add_special, s, stream_seed(s.seed, name, b), max_new)
+            ids, mask = encode_prompts(files.tokenizer, prompts, style.add_special_tokens)
+            out = generator.sample(ids, mask, num_samples=s.n_samples, seed=stream_seed(s.seed, name, b),
+                                   sampling=Sampling(max_new, s.temperature, s.top_p, s.top_k))
             batch_records = [
                 {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
-                 "prompt": prompts[i], "completion": outs[i * s.n_samples + j]["completion"],
-                 "tokens": outs[i * s.n_samples + j]["tokens"],
-                 "truncated": outs[i * s.n_samples + j]["truncated"], "gold": p.gold, "max_new_tokens": max_new}
+                 "prompt": prompts[i], "completion": out.texts[i * s.n_samples + j],
+                 "tokens": int(out.lengths[i * s.n_samples + j]),
+                 "truncated": bool(out.truncated[i * s.n_samples + j]), "gold": p.gold, "max_new_tokens": max_new}
                 for i, p in enumerate(items) for j in range(s.n_samples)]
             if journal is not None:
                 journal.append(name, b, batch_records)
@@ -374,7 +303,7 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
             bar.update(len(items))
     bar.close()
     if capped and rank == 0:
-        log(f"note: max new tokens capped to the model's context ({backend.max_positions} positions)")
+        log(f"note: max new tokens capped to the model's context ({context} positions)")
     _grade(records, s)
     gathered = _gather_records(records, rank, world)
     if rank != 0:
@@ -409,13 +338,6 @@ def markdown_table(results: dict[str, dict], benchmarks: list[str], ks: tuple[in
             rows.append(f"| {label} | " + " | ".join(cells) + f" | {scores['average'][f'pass@{k}']:.1f} |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"
-
-
-def default_output_dir(specs: list[ModelSpec]) -> Path:
-    if len(specs) == 1 and specs[0].source.get("run"):
-        return Path(specs[0].source["run"]) / "eval"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("eval_results") / f"eval-{stamp}"
 
 
 def write_results(out_dir: Path, specs: list[ModelSpec], benchmarks: list[str], s: EvalSettings,

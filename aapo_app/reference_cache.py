@@ -1,4 +1,4 @@
-"""Reference rollouts computed once: ``aapo reference-rollouts`` writes them, ``rollout.reference=cached:DIR`` reads them.
+"""Reference rollouts computed once: ``aapo reference-rollouts`` writes them, ``rollout.reference_cache=DIR`` reads them.
 
 The reference model is frozen, so the distribution of its completions (and rewards) for a prompt
 never changes during a run. A cache directory holds, for every training prompt, G reference
@@ -19,7 +19,7 @@ Where the samples came from is recorded beside the fingerprint (it does not deci
 distribution, so a cache built on one backend serves runs on another): every record has a
 ``source`` (``deepspeed-reference``, ``vllm-colocated-reference`` or ``vllm-server:<url>``) and the
 manifest lists each build's source with its probe (:mod:`aapo_app.vllm_engine`). In server mode a
-cache is only ever sampled from ``rollout.vllm_reference_url``, never from the policy's server.
+cache is only ever sampled from ``vllm.reference_url``, never from the policy's server.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from aapo_app.batches import Grades
 from aapo_app.errors import AapoError
 from aapo_app.rewards import scored_weights
 
@@ -119,7 +120,7 @@ def check_manifest(manifest: dict | None, components: dict, cache_dir: Path, wha
     if manifest.get("fingerprint") != digest(components):
         diff = mismatch(manifest.get("components", {}), components) or "its fingerprint"
         raise AapoError(f"{what}: the cache in '{cache_dir}' was built for other settings: {diff}; rebuild it with "
-                        f"aapo reference-rollouts for this config, or set rollout.reference=online")
+                        f"aapo reference-rollouts for this config, or set rollout.reference_cache=''")
 
 
 def read_records(cache_dir: Path) -> dict[str, dict]:
@@ -140,8 +141,7 @@ class CachedGroups:
     """The reference groups of a batch's prompts, prompt-major like the samples: ``[P*G]`` rows."""
 
     completion_ids: torch.Tensor  # [P*G, T_c], pad after each completion
-    rewards: torch.Tensor  # [P*G] weighted reward
-    per_reward: dict[str, torch.Tensor]  # name -> [P*G] unweighted
+    grades: Grades  # their stored rewards (weighted total and each reward's values)
 
 
 class ReferenceCache:
@@ -149,7 +149,7 @@ class ReferenceCache:
 
     def __init__(self, cache_dir: str | Path, components: dict, pad_id: int):
         self.dir = Path(cache_dir)
-        check_manifest(read_manifest(self.dir), components, self.dir, "rollout.reference")
+        check_manifest(read_manifest(self.dir), components, self.dir, "rollout.reference_cache")
         self.records = read_records(self.dir)
         self.pad_id = pad_id
         self.group_size = components["sampling"]["group_size"]
@@ -159,17 +159,18 @@ class ReferenceCache:
         for text in rendered_prompts:
             rec = self.records.get(prompt_key(text))
             if rec is None:
-                raise AapoError(f"rollout.reference: a training prompt is missing from the cache in '{self.dir}' "
+                raise AapoError(f"rollout.reference_cache: a training prompt is missing from the cache in '{self.dir}' "
                                 f"(built for other data?); run aapo reference-rollouts again with this config "
                                 f"to add it")
             rows += rec["completion_ids"]
             rewards += rec["rewards"]
             for name, values in rec["reward_parts"].items():
                 parts.setdefault(name, []).extend(values)
-        from aapo_app.rollout import pad_rows
+        from aapo_app.generation import pad_rows
 
-        return CachedGroups(completion_ids=pad_rows(rows, self.pad_id), rewards=torch.tensor(rewards, dtype=torch.float32),
-                            per_reward={k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()})
+        grades = Grades(torch.tensor(rewards, dtype=torch.float32),
+                        {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()})
+        return CachedGroups(completion_ids=pad_rows(rows, self.pad_id), grades=grades)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,26 +193,29 @@ def check_server_source(cfg) -> None:
     weights. The two URLs are compared by the addresses they reach, not by their text."""
     from aapo_app.vllm_engine import same_server
 
-    r = cfg.rollout
-    if r.backend != "vllm" or r.vllm_mode != "server":
+    v = cfg.vllm
+    if cfg.rollout.backend != "vllm" or v.mode != "server":
         return
-    if not r.vllm_reference_url:
-        raise AapoError("rollout.vllm_reference_url: aapo reference-rollouts in server mode samples from a "
-                        "reference server only, never from the policy's (rollout.vllm_server_url may hold trained "
+    if not v.reference_url:
+        raise AapoError("vllm.reference_url: aapo reference-rollouts in server mode samples from a "
+                        "reference server only, never from the policy's (vllm.server_url may hold trained "
                         "weights); start a `vllm serve` with model.path and give its URL, or use "
-                        "rollout.vllm_mode=colocate or rollout.backend=deepspeed")
-    where = same_server(r.vllm_reference_url, r.vllm_server_url) if r.vllm_server_url else ""
+                        "vllm.mode=colocate or rollout.backend=deepspeed")
+    where = same_server(v.reference_url, v.server_url) if v.server_url else ""
     if where:
-        raise AapoError(f"rollout.vllm_reference_url reaches the policy's server ({where}, as rollout.vllm_server_url "
+        raise AapoError(f"vllm.reference_url reaches the policy's server ({where}, as vllm.server_url "
                         f"does): a reference cache must not be sampled from it; start a `vllm serve` of its own with "
                         f"model.path and give its URL")
 
 
 def sample_source(reference) -> dict:
-    """Where a cache's samples come from: the engine's source name and, for vLLM engines, the first
-    values of its probe (weights for a colocated engine, greedy log-probs for a server). Collective."""
-    if not getattr(reference, "is_vllm", False):
-        return {"source": "deepspeed-reference"}
+    """Where a cache's samples come from: the generator's source name and, for vLLM engines, the
+    first values of its probe (weights for a colocated engine, greedy log-probs for a server).
+    Collective."""
+    from aapo_app.vllm_engine import VLLMEngine
+
+    if not isinstance(reference, VLLMEngine):
+        return {"source": reference.source}
     probe = reference.probe()
     return {"source": reference.source,
             "probe": {name: [round(float(x), 6) for x in values.reshape(-1)[:8]] for name, values in probe.items()}}
@@ -233,21 +237,6 @@ def record_source(cache_dir: Path, source: dict) -> None:
         raise AapoError(f"--out: cannot write to '{cache_dir}' ({exc.strerror}); choose a writable directory") from exc
 
 
-def _vllm_reference(cfg, model_path: str, rank: int, per_batch: int):
-    """The vLLM engine that samples the cache: the reference server (:func:`check_server_source`), or
-    one colocated engine per rank."""
-    from aapo_app.rollout import stream_seed
-    from aapo_app.vllm_engine import ColocatedVLLM, ServerVLLM
-
-    r = cfg.rollout
-    if r.vllm_mode == "server":
-        return ServerVLLM(r.vllm_reference_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s, role="reference")
-    return ColocatedVLLM(model_path, seed=stream_seed(cfg.train.seed, "vllm-reference", rank), sleep_level=0,
-                         gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=None,
-                         max_num_seqs=r.vllm_max_num_seqs or per_batch * r.group_size, dtype=r.vllm_dtype,
-                         role="reference")
-
-
 def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_batch: int | None = None,
           log=print, seeds: list[int] | None = None) -> dict:
     """Sample and score G reference completions for every training prompt not yet in ``out_dir``:
@@ -255,7 +244,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     that runs with any of those seeds find their prompts.
 
     ``rollout.backend`` chooses the sampler: the DeepSpeed engine, or vLLM (a colocated engine
-    per rank, or the server at ``rollout.vllm_reference_url``; never the policy's server). Each
+    per rank, or the server at ``vllm.reference_url``; never the policy's server). Each
     record, and the manifest's ``sources``, say which (:func:`sample_source`).
 
     Data-parallel: each rank takes every world-th missing prompt and appends to ``part-<rank>.jsonl``
@@ -265,26 +254,28 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
 
     from tqdm import tqdm
 
-    from aapo_app.data import load_examples, render_prompt
+    from aapo_app.builder import open_model, reference_rollout_generator
+    from aapo_app.data import PromptStyle, load_examples
     from aapo_app.ds_config import DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
-    from aapo_app.engine import ZeroModel, all_reduce_sum, barrier, init_distributed, launched_world_size, on_rank0
-    from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, resolve_model_path_rank0_first
+    from aapo_app.engine import all_reduce_sum, barrier, init_distributed, launched_world_size, on_rank0
+    from aapo_app.generation import Sampling, encode_prompts
+    from aapo_app.models import resolve_model_path
     from aapo_app.rewards import run_reward_model
-    from aapo_app.rollout import checkpoint_eos_ids, encode_prompts, eos_token_ids, sample, stream_seed
+    from aapo_app.rollout import stream_seed
 
     ds = fill_ds_config(read_ds_config(ds_config, DEFAULT_REFERENCE_CONFIG, option="--ds-config"), cfg,
                         launched_world_size(), training=False)
     resolve_model_path(cfg.model.path, convert=False)
     check_server_source(cfg)
     if cfg.rollout.backend == "vllm":
-        from aapo_app.vllm_engine import check_vllm
+        from aapo_app.vllm_engine import check_vllm_machine
 
-        check_vllm()
+        check_vllm_machine(cfg.vllm)
     train = [ex for seed in (seeds or [cfg.train.seed]) for ex in load_examples(cfg.data, seed)[0]]
     rank, world = init_distributed()
-    model_path = resolve_model_path_rank0_first(cfg.model.path, rank)
-    tok = load_tokenizer(model_path)
-    chat = bool(cfg.data.use_chat_template and tok.chat_template)
+    files = open_model(cfg.model.path, rank)
+    model_path, tok = files.path, files.tokenizer
+    style = PromptStyle(tok, cfg.data)
     out = Path(out_dir)
 
     def prepare() -> None:  # rank 0 alone reads and writes the manifest (and hashes the weights for it)
@@ -307,7 +298,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     done = set(read_records(out))
     seen, todo = set(done), []
     for ex in train:
-        text = render_prompt(tok, ex.problem, cfg.data)
+        text = style.render(ex.problem)
         key = prompt_key(text)
         if key not in seen:
             seen.add(key)
@@ -319,12 +310,7 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
     G = cfg.rollout.group_size
     log(f"reference rollouts: {len(done)} prompts cached already, {len(todo)} to sample on {world} rank(s), "
         f"G={G}, into {out}")
-    if cfg.rollout.backend == "vllm":
-        reference = _vllm_reference(cfg, model_path, rank, per_batch)
-        eos_ids = checkpoint_eos_ids(tok, model_path)
-    else:
-        reference = ZeroModel(load_causal_lm(model_path, ds_config=ds), ds, trainable=False, gather=cfg.rollout.gather)
-        eos_ids = eos_token_ids(tok, reference.module)
+    reference = reference_rollout_generator(cfg, files, ds, rank, per_batch)
     source = sample_source(reference)
     if todo:
         on_rank0(lambda: record_source(out, source))
@@ -336,12 +322,9 @@ def build(cfg, out_dir: str | Path, ds_config: str | None = None, prompts_per_ba
                 chunk = mine[b * per_batch:(b + 1) * per_batch]
                 real = bool(chunk)
                 chunk = chunk or (mine or todo)[-1:]  # a dummy batch keeps the collective generation in step
-                ids, mask = encode_prompts(tok, [text for _, _, text in chunk], not chat)
-                s = sample(reference, tok, ids, mask, num_samples=G, max_new_tokens=cfg.rollout.max_new_tokens,
-                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                           seed=stream_seed(cfg.train.seed, "reference-rollouts", chunk[0][0]),
-                           generation_batch_size=cfg.rollout.generation_batch_size, eos_ids=eos_ids,
-                           sampler=cfg.rollout.sampler)
+                ids, mask = encode_prompts(tok, [text for _, _, text in chunk], style.add_special_tokens)
+                s = reference.sample(ids, mask, num_samples=G, sampling=Sampling.of_rollout(cfg.rollout),
+                                     seed=stream_seed(cfg.train.seed, "reference-rollouts", chunk[0][0]))
                 if real:
                     answers = [ex.answer for _, ex, _ in chunk for _ in range(G)]
                     scored = rewards.score(s.texts, answers, s.lengths.tolist())

@@ -1,17 +1,15 @@
-"""The training loop: rollout -> scoring -> update, once per step, on every rank.
+"""The training loop: rollout -> resampling -> scoring -> update, once per step, on every rank.
 
 Data parallelism: each rank draws its own ``rollout.prompts_per_rank`` prompts (disjoint slices of
 one global batch), samples all G completions of each of them itself, so a prompt group never
 spans ranks and the group statistics need no communication. DeepSpeed averages the gradients.
+The run is set up by :mod:`aapo_app.builder`; checkpoints are :class:`aapo_app.checkpoint.Checkpointer`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import random
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -21,25 +19,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from aapo_app import checkpoint as CK
 from aapo_app import metrics as M
-from aapo_app.algorithms import build_algorithm
-from aapo_app.batches import select_groups
-from aapo_app.check import check_lengths, sample_prompts
+from aapo_app.builder import build_training, check_prompt_lengths, open_model, plan_run
+from aapo_app.checkpoint import Checkpointer
 from aapo_app.config import RunConfig
-from aapo_app.data import PromptSampler, load_examples, render_prompt
-from aapo_app.ds_config import (DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, lr_schedule,
-                                read_ds_config)
-from aapo_app.engine import (ZeroModel, all_reduce_sum, barrier, check_hybrid_engine,
-                             init_distributed, launched_world_size, on_rank0)
+from aapo_app.data import PromptSampler, PromptStyle
+from aapo_app.engine import all_reduce_sum, init_distributed, on_rank0
 from aapo_app.errors import AapoError
-from aapo_app.models import load_causal_lm, load_tokenizer, resolve_model_path, resolve_model_path_rank0_first
+from aapo_app.generation import Sampling, encode_prompts
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
+from aapo_app.resampling import resample
 from aapo_app.rewards import run_reward_model
-from aapo_app.rollout import encode_prompts, eos_token_ids, rollout, sample
-from aapo_app.scoring import grade, score, signal_groups
+from aapo_app.rollout import Rollout
+from aapo_app.scoring import score
 from aapo_app.update import update
-from aapo_app.vllm_engine import WeightSync, check_vllm_run
 
 FORMAT_REWARDS = ("boxed_format", "format", "tag_format")
 
@@ -59,30 +52,19 @@ def reduce_metrics(local: dict[str, float]) -> dict[str, float]:
 
 
 class Trainer:
-    """Builds the engines, data, rewards and algorithm of a run and drives the steps."""
+    """Builds a run (:mod:`aapo_app.builder`) and drives its steps."""
 
     def __init__(self, cfg: RunConfig, ds_config: str | None = None, ref_ds_config: str | None = None,
                  resume_from: Path | None = None):
         self.cfg = cfg
         self.resume_from = Path(resume_from) if resume_from else None
         # everything that can fail on user input is checked before the (slow) engines are built
-        ds_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
-        ds_ref = read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config")
-        self.algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
-        resolve_model_path(cfg.model.path, convert=False)
-        if cfg.rollout.deepspeed_hybrid_engine:
-            check_hybrid_engine()
-        if cfg.rollout.backend == "vllm":
-            check_vllm_run(cfg, self.algorithm)
-        self.train_examples, self.eval_examples = load_examples(cfg.data, cfg.train.seed)
-
+        plan = plan_run(cfg, ds_config, ref_ds_config)
+        self.algorithm, self.ds_policy, self.ds_ref = plan.algorithm, plan.ds_policy, plan.ds_ref
+        self.train_examples, self.eval_examples = plan.train_examples, plan.eval_examples
         if not self.resume_from and cfg.output_dir and (Path(cfg.output_dir) / "metrics.jsonl").exists():
             raise AapoError(f"--output-dir: '{cfg.output_dir}' already holds a run; choose a new directory "
                             f"(or continue it with --resume latest)")
-        # the DeepSpeed configs' numbers against the run config, before the process group starts
-        launched_world = launched_world_size()
-        self.ds_policy = fill_ds_config(ds_policy, cfg, launched_world)
-        self.ds_ref = fill_ds_config(ds_ref, cfg, launched_world, training=False)
 
         self.rank, self.world = init_distributed()
         self.sampler = PromptSampler(self.train_examples, cfg.rollout.prompts_per_rank, self.rank, self.world,
@@ -92,53 +74,27 @@ class Trainer:
         # rank 0 creates the run directory; a failure there must stop every rank, not leave them waiting
         self.output_dir = Path(on_rank0(lambda: str(cfg.output_dir) if self.resume_from else self._create_output_dir()))
 
-        model_path = resolve_model_path_rank0_first(cfg.model.path, self.rank)
-        self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path)
-        self.chat = bool(cfg.data.use_chat_template and self.tokenizer.chat_template)
-        from transformers import AutoConfig
-
-        max_positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-        check_lengths(self.tokenizer, max_positions, sample_prompts(self.train_examples, self.eval_examples,
-                                                                    lambda p: render_prompt(self.tokenizer, p, cfg.data)),
-                      cfg, add_special_tokens=not self.chat)
-        self.reference_cache = None
-        if cfg.rollout.reference.startswith("cached:"):
-            if self.algorithm.uses_reference_samples:
-                from aapo_app.reference_cache import ReferenceCache, fingerprint_components
-
-                # rank 0 hashes the weights for the fingerprint; the other ranks need not read them again
-                components = on_rank0(lambda: fingerprint_components(cfg, model_path, self.tokenizer))
-                self.reference_cache = ReferenceCache(cfg.rollout.reference[len("cached:"):].strip(), components,
-                                                      self.tokenizer.pad_token_id)
-            elif self.rank == 0:
-                tqdm.write(f"note: rollout.reference={cfg.rollout.reference} is ignored: {cfg.algorithm.name} samples "
-                           f"no reference group", file=sys.stderr)
+        files = open_model(cfg.model.path, self.rank)
+        self.model_path, self.tokenizer = files.path, files.tokenizer
+        self.prompts = PromptStyle(self.tokenizer, cfg.data)
+        check_prompt_lengths(self.tokenizer, files.max_positions, cfg, self.train_examples, self.eval_examples)
         self.rewards = run_reward_model(cfg.rewards)
         self.format_key = _format_key(self.rewards.weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
-        self.policy = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_policy), self.ds_policy, trainable=True,
-                                gather=cfg.rollout.gather, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
-                                max_out_tokens=cfg.rollout.max_new_tokens + 1024,
-                                lr_schedule=None if "scheduler" in self.ds_policy else lr_schedule(cfg))
-        # the reference group is sampled by the DeepSpeed reference engine unless it comes from a cache
-        # or a vLLM reference engine; KL baselines always score with it
-        samples_online = self.algorithm.uses_reference_samples and self.reference_cache is None
-        needs_engine = (self.algorithm.uses_reference_logprobs
-                        or (samples_online and cfg.rollout.backend != "vllm"))
-        self.vllm_needs_reference = samples_online and cfg.rollout.backend == "vllm"
-        self.reference = None
-        if needs_engine:
-            self.reference = ZeroModel(load_causal_lm(model_path, ds_config=self.ds_ref), self.ds_ref, trainable=False,
-                                       gather=cfg.rollout.gather)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.policy.module)
-        self.vllm = self.vllm_reference = None
-        self.weight_sync = WeightSync(cfg.rollout.vllm_sleep_level)
-        if cfg.rollout.backend == "vllm":
-            self._build_vllm(model_path)
+        parts = build_training(plan, files, self.rank,
+                               self._max_model_len() if cfg.rollout.backend == "vllm" else 0)
+        self.policy, self.reference, self.generator = parts.policy, parts.reference, parts.generator
+        self.rollout = Rollout(policy=parts.generator, tokenizer=self.tokenizer, rollout=cfg.rollout,
+                               algorithm=self.algorithm, seed=cfg.train.seed, rank=self.rank,
+                               micro_batch_size=cfg.train.micro_batch_size,
+                               add_special_tokens=self.prompts.add_special_tokens,
+                               reference=parts.reference_generator, cache=parts.reference_cache,
+                               scorer=self.reference)
+        if self.rank == 0:
+            for note in plan.notes:
+                tqdm.write(f"note: {note}", file=sys.stderr)
+        self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints)
         self.history: list[dict] = []
         self.start_step, self.eval_before = 1, None
         self.nonfinite_in_a_row = 0
@@ -146,7 +102,7 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         elif cfg.train.save_every or cfg.train.save_final:
-            self._check_disk_space()
+            self.checkpoints.check_disk_space(self.policy)
         self.reporter = self._make_reporter()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -168,7 +124,7 @@ class Trainer:
         return str(path)
 
     def _prompts(self, examples) -> list[str]:
-        return [render_prompt(self.tokenizer, ex.problem, self.cfg.data) for ex in examples]
+        return [self.prompts.render(ex.problem) for ex in examples]
 
     def log_rollout(self, step: int, scored) -> None:
         """Append this rank's groups to ``rollouts/rank<r>.jsonl`` (prompt, completions, rewards)."""
@@ -198,86 +154,17 @@ class Trainer:
             f.write(json.dumps(m) + "\n")
 
     def save_checkpoint(self, step: int) -> Path:
-        """Save everything a resume needs as ``checkpoints/step-<step>`` (see
-        :mod:`aapo_app.checkpoint`): written under ``.tmp`` and renamed once every rank is done, so a
-        kill or a full disk leaves the previous checkpoint intact. Keeps the last
-        ``train.keep_checkpoints``. Collective: every rank calls it."""
-        final = self.output_dir / "checkpoints" / f"step-{step}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that was killed
-            tmp.mkdir(parents=True, exist_ok=True)
-        barrier()
-        failure = ""
-        try:
-            self.policy.save_pretrained(tmp, self.tokenizer)
-            self.policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            (tmp / "ranks").mkdir(exist_ok=True)
-            torch.save(CK.rank_state(self.sampler), tmp / "ranks" / f"rank{self.rank}.pt")
-            if self.rank == 0:
-                state = {"step": step, "world_size": self.world, "algorithm": self.cfg.algorithm.name,
-                         "base_model": self.cfg.model.path, "eval_before": self.eval_before,
-                         "history": self.history, "config": self.cfg.to_dict()}
-                (tmp / CK.STATE_FILE).write_text(json.dumps(state, indent=1))
-        except OSError as exc:
-            failure = f"{exc.strerror or exc}"
-        failures = failure if self.world == 1 else self._gather_failure(failure)
-        if failures:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = sorted(CK.checkpoint_dirs(self.output_dir))
-            kept = f"the previous checkpoint step-{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            raise AapoError(f"checkpoint step-{step} could not be written ({failures}); {kept}; free disk space "
-                            f"or lower train.keep_checkpoints, then resume with --resume latest")
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            CK.prune(self.output_dir, self.cfg.train.keep_checkpoints)
-        barrier()
-        return final
-
-    def _gather_failure(self, failure: str) -> str:
-        """Any rank's save error, on every rank (so that all of them stop together)."""
-        import torch.distributed as dist
-
-        box = [None] * self.world
-        dist.all_gather_object(box, failure)
-        return "; ".join(sorted({f for f in box if f}))
+        """``checkpoints/step-<step>`` with everything a resume needs. Collective."""
+        state = {"algorithm": self.cfg.algorithm.name, "base_model": self.cfg.model.path,
+                 "eval_before": self.eval_before, "history": self.history, "config": self.cfg.to_dict()}
+        return self.checkpoints.save(step, self.policy, self.tokenizer, self.sampler, state)
 
     def _restore(self, step_dir: Path) -> None:
-        """Load a checkpoint into the engines, the sampler and the RNGs, and cut the logs back to it."""
-        state = CK.read_state(step_dir)
-        if state.get("world_size") != self.world:
-            raise AapoError(f"--resume: the checkpoint was written by {state.get('world_size')} ranks and this run has "
-                            f"{self.world}; resume with the same number of ranks")
-        load_path, _ = self.policy.engine.load_checkpoint(str(step_dir / "deepspeed"), tag="state",
-                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise AapoError(f"--resume: DeepSpeed could not load {step_dir / 'deepspeed'}; resume from another step")
-        rank_file = step_dir / "ranks" / f"rank{self.rank}.pt"
-        try:
-            CK.restore_rank_state(torch.load(rank_file, weights_only=False), self.sampler)
-        except (OSError, KeyError, ValueError) as exc:
-            raise AapoError(f"--resume: cannot read {rank_file} ({exc}); resume from another step") from exc
-        step = int(state["step"])
-        self.weight_sync.weights_replaced()  # a vLLM policy engine still holds the base weights
+        state = self.checkpoints.restore(step_dir, self.policy, self.sampler)
+        self.generator.weights_changed()  # a vLLM policy engine still holds the base weights
         self.history = list(state.get("history", []))
         self.eval_before = state.get("eval_before")
-        self.start_step = step + 1
-        if self.rank == 0:
-            CK.truncate_jsonl(self.output_dir / "metrics.jsonl", step)
-        CK.truncate_jsonl(self.output_dir / "rollouts" / f"rank{self.rank}.jsonl", step)
-        barrier()
-
-    def _check_disk_space(self) -> None:
-        """Refuse to start when one checkpoint would not fit on the run directory's disk."""
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.module.parameters())
-        need = CK.checkpoint_bytes(numel, 4, self.world)
-        free = shutil.disk_usage(self.output_dir).free
-        if free < need:
-            raise AapoError(f"--output-dir: {free / 2**30:.1f} GiB free on the run directory's disk, one checkpoint needs "
-                            f"about {need / 2**30:.1f} GiB; free space, choose another --output-dir, or set "
-                            f"train.save_final=false train.save_every=0")
+        self.start_step = int(state["step"]) + 1
 
     def _make_reporter(self) -> Reporter:
         """wandb / TensorBoard on rank 0 with the full config and the code's git commit; the same
@@ -296,73 +183,26 @@ class Trainer:
         """First SIGTERM/SIGINT: finish the current step, save, exit. (The CLI installs the handler.)"""
         self.stop_signal = signum
 
-    # -- vLLM rollouts (rollout.backend=vllm) ---------------------------------------------------
-    def _build_vllm(self, model_path: str) -> None:
-        """The vLLM engines, after the DeepSpeed ones (which allocate first): the policy's and, for
-        AAPO's online reference group, the reference's; then the start-up check that the reference
-        engine is not the policy engine. Collective."""
-        from aapo_app.rollout import stream_seed
-        from aapo_app.vllm_engine import build_engines
-
-        r = self.cfg.rollout
-        self.vllm, self.vllm_reference = build_engines(
-            r, model_path, rank=self.rank, seed=stream_seed(self.cfg.train.seed, "vllm", self.rank),
-            reference=self.vllm_needs_reference, max_num_seqs=r.vllm_max_num_seqs or r.prompts_per_rank * r.group_size,
-            max_model_len=self._max_model_len())
-        # building an engine reseeds python, numpy and torch: put the run's seeds back
-        random.seed(self.cfg.train.seed)
-        torch.manual_seed(self.cfg.train.seed)
-        self.vllm.sleep()
-        self.weight_sync.fell_asleep()
-
     def _max_model_len(self) -> int:
         """The longest rendered prompt plus the longest completion (training or evaluation)."""
-        prompts = self._prompts(self.train_examples + self.eval_examples)
-        longest = max((len(self.tokenizer(p, add_special_tokens=not self.chat)["input_ids"]) for p in prompts), default=0)
+        longest = max(self.prompts.lengths(self._prompts(self.train_examples + self.eval_examples)), default=0)
         return longest + max(self.cfg.rollout.max_new_tokens, self.cfg.train.eval_max_new_tokens) + 8
-
-    @contextlib.contextmanager
-    def _generator(self):
-        """What generates now: the DeepSpeed policy, or the vLLM policy engine woken up with the
-        trainer's current weights (pushed if they changed), put back to sleep afterwards.
-        Collective (the push gathers the ZeRO-3 partitions)."""
-        if self.vllm is None:
-            yield self.policy
-            return
-        from aapo_app.vllm_engine import push_weights_checked
-
-        engine = self.vllm
-        engine.wake_weights()
-        if self.weight_sync.needs_push():
-            push_weights_checked(self.policy.module, engine, self.vllm_reference)
-            self.weight_sync.did_push()
-        self.weight_sync.woke()
-        engine.wake_cache()
-        try:
-            yield engine
-        finally:
-            engine.sleep()
-            if engine.sleep_level:
-                self.weight_sync.fell_asleep()
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy (and format rate), problems sharded over ranks."""
+        """Greedy held-out accuracy (and format rate), problems sharded over ranks. Collective (a rank
+        without problems still takes part in the generator's session)."""
         shard = self.eval_examples[self.rank::self.world]
         correct = formatted = 0.0
-        with self._generator() as generator:
+        with self.generator.session():
             if shard:
-                ids, mask = encode_prompts(self.tokenizer, self._prompts(shard), not self.chat)
-                samples = sample(generator, self.tokenizer, ids, mask, num_samples=1,
-                                 max_new_tokens=self.cfg.train.eval_max_new_tokens, temperature=None, seed=0,
-                                 eos_ids=self.eos_ids, generation_batch_size=self.cfg.rollout.generation_batch_size)
+                ids, mask = encode_prompts(self.tokenizer, self._prompts(shard), self.prompts.add_special_tokens)
+                samples = self.generator.sample(ids, mask, num_samples=1, seed=0,
+                                                sampling=Sampling(self.cfg.train.eval_max_new_tokens))
                 answers, lengths = [ex.answer for ex in shard], samples.lengths.tolist()
                 correct = sum(self.eval_rewards["accuracy"](samples.texts, answers, lengths))
                 if self.format_key:
                     formatted = sum(self.eval_rewards[self.format_key](samples.texts, answers, lengths))
-            elif generator is self.policy:  # ZeRO-3 gathers are collective: ranks without problems take part
-                with self.policy.generation_mode():
-                    pass
         total, correct, formatted = all_reduce_sum([len(shard), correct, formatted])
         result = {"eval/accuracy": correct / total}
         if self.format_key:
@@ -370,55 +210,18 @@ class Trainer:
         return result
 
     # -- the loop -----------------------------------------------------------------------------
-    def _rollout(self, step: int, round: int = 0):
+    def _draw(self, step: int, round: int):
+        """One rollout of the next prompts (a resampling round when ``round`` > 0). Collective."""
         examples = self.sampler.next_batch()
-        cfg = self.cfg
-        with self._generator() as generator:
-            return rollout(generator, self.reference, self.tokenizer, examples, self._prompts(examples),
-                           cfg=cfg.rollout, algorithm=self.algorithm, seed=cfg.train.seed, step=step, rank=self.rank,
-                           micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=not self.chat,
-                           eos_ids=self.eos_ids, round=round, reference_cache=self.reference_cache,
-                           reference_sampler=self.vllm_reference)
-
-    def _rollout_with_resampling(self, step: int):
-        """One rollout, or, for algorithms that resample (DAPO's dynamic sampling, GPG's
-        regeneration), rounds of rollouts whose groups carrying signal (``Resampling.signal``) are
-        kept until the batch has enough of them. Each round is graded once, here, and the grades
-        travel with the batch to scoring. All ranks take the same number of rounds (ZeRO-3
-        generation is collective, and the prompt samplers stay in step). If the rounds run out, the
-        batch is topped up with groups without signal so every rank trains the same number of
-        sequences. Returns the batch, the extra rounds taken and the fraction of its groups that
-        carry signal (None without resampling)."""
-        batch = self._rollout(step)
-        plan = self.algorithm.resampling()
-        if plan is None:
-            return batch, 0, None
-        start = time.perf_counter() - batch.seconds
-        P = len(batch.examples)
-        kept, dropped, rounds, counts = [], [], 0, {}
-        while True:
-            batch = grade(batch, self.rewards)
-            for key, value in batch.policy_grades.counts.items():
-                counts[key] = counts.get(key, 0) + value
-            signal = signal_groups(batch.policy_grades, batch.group_size, plan.signal)
-            kept += [(batch, i) for i in range(P) if signal[i]]
-            dropped += [(batch, i) for i in range(P) if not signal[i]]
-            short = float(len(kept) < math.ceil(plan.min_kept_fraction * P))
-            if rounds >= plan.max_extra_rounds or all_reduce_sum([short])[0] == 0:
-                break
-            rounds += 1
-            batch = self._rollout(step, round=rounds)
-        kept_frac = min(len(kept), P) / P
-        if rounds == 0 and len(kept) == P:
-            return batch, 0, kept_frac
-        merged = select_groups((kept + dropped)[:P], self.tokenizer.pad_token_id, counts)
-        merged.seconds = time.perf_counter() - start  # every round's sampling and grading
-        return merged, rounds, kept_frac
+        with self.generator.session():
+            return self.rollout(examples, self._prompts(examples), step, round)
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch, rounds, kept_frac = self._rollout_with_resampling(step)
+        resampled = resample(lambda round: self._draw(step, round), self.algorithm.resampling(), self.rewards,
+                             self.tokenizer.pad_token_id)
+        batch, rounds, kept_frac = resampled.batch, resampled.rounds, resampled.kept_frac
         scored = score(batch, self.rewards, self.algorithm)
         self.log_rollout(step, scored)
         every = cfg.train.log_samples_every
@@ -428,7 +231,8 @@ class Trainer:
             self.reporter.samples(rows, step)
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.micro_batch_rows,
                      temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
-        self.weight_sync.optimizer_step(applied=upd["skipped_nonfinite"] < self.algorithm.optimizer_steps_per_rollout)
+        if upd["skipped_nonfinite"] < self.algorithm.optimizer_steps_per_rollout:  # some step moved the weights
+            self.generator.weights_changed()
         pol = batch.policy
         local = dict(scored.diagnostics)
         local.update({k: v for k, v in upd.items() if k not in ("update_tokens", "update_seconds")})

@@ -3,7 +3,7 @@
 ``rollout.backend=vllm`` replaces the DeepSpeed engine's generation mode by vLLM for the policy
 group, the reference group and the held-out evaluation. Two layouts (README "vLLM rollouts"):
 
-``rollout.vllm_mode=colocate`` (default)
+``vllm.mode=colocate`` (default)
     Every training rank builds its own vLLM engine on its own GPU inside the training process
     (vLLM's ``external_launcher`` executor, tensor parallel size 1, reusing the launcher's process
     group). The policy engine runs in sleep mode: it hands its GPU memory back while DeepSpeed
@@ -14,11 +14,11 @@ group, the reference group and the held-out evaluation. Two layouts (README "vLL
     prefix cache is reset after each push. AAPO's reference group comes from a second engine that
     loads the frozen reference weights once and is never written to (vLLM allows one sleep-mode
     engine per process, so the reference engine stays resident).
-``rollout.vllm_mode=server``
+``vllm.mode=server``
     One ``vllm serve`` process (its own GPUs, any tensor/data parallel size) generates for every
     rank over HTTP; rank 0 streams the gathered weights to it over NCCL through TRL's
     ``VLLMClient`` (``pip install 'aapo[vllm-server]'``). The reference group comes from a second
-    server that holds the reference weights (``rollout.vllm_reference_url``) or from a reference
+    server that holds the reference weights (``vllm.reference_url``) or from a reference
     cache. The two servers are told apart by where they are (resolved addresses) and by what they
     compute (:func:`check_engines_apart`, :func:`verify_apart_by_test_push`), not by URL text.
 
@@ -27,6 +27,7 @@ Written against vLLM's source (0.10 to 0.33; see the README for what was and was
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 import torch
 
 from aapo_app.errors import AapoError
+from aapo_app.generation import Generator, Sampling, prompt_token_lists, samples_from_rows
 
 # parameters compared between the trainer and the vLLM engines: small ones whose names vLLM keeps
 # (no fused q/k/v or gate/up) and that training moves
@@ -170,13 +172,8 @@ class WeightSync:
     pushes: int = 0
     asleep: bool = field(default=False)
 
-    def optimizer_step(self, applied: bool) -> None:
-        """After an update; ``applied`` is False when DeepSpeed skipped the step (non-finite gradient)."""
-        if applied:
-            self.version += 1
-
-    def weights_replaced(self) -> None:
-        """The trainer's weights were loaded from elsewhere (``--resume``)."""
+    def changed(self) -> None:
+        """The trainer's weights changed (an optimizer step applied, a checkpoint restored)."""
         self.version += 1
 
     def fell_asleep(self) -> None:
@@ -205,17 +202,12 @@ def request_seeds(seed: int, num_prompts: int, num_samples: int) -> list[int]:
     return [stream_seed(seed, i, j) for i in range(num_prompts) for j in range(num_samples)]
 
 
-def prompt_token_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
-    """The real (unpadded) tokens of each left-padded prompt row."""
-    return [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask)]
-
-
 def completion_rows(token_lists: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> list[list[int]]:
     """vLLM's completions as rows that end in an EOS token when they stopped.
 
     A completion shorter than ``max_new_tokens`` stopped at a stop token; vLLM keeps that token in
     ``token_ids`` (EOS ids are ours: ``stop_token_ids``), but if a version leaves it out the first
-    EOS id is appended, so that :func:`aapo_app.rollout.finish_samples` sees the same row the
+    EOS id is appended, so that :func:`aapo_app.generation.finish_samples` sees the same row the
     DeepSpeed sampler would have produced (EOS counted, not truncated)."""
     eos = set(eos_ids)
     rows = []
@@ -225,16 +217,6 @@ def completion_rows(token_lists: list[list[int]], eos_ids: list[int], max_new_to
             ids.append(eos_ids[0])
         rows.append(ids)
     return rows
-
-
-def to_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: list[list[int]],
-               num_samples: int, eos_ids: list[int], max_new_tokens: int):
-    """Completion rows (prompt-major, ``num_samples`` per prompt) as :class:`~aapo_app.batches.Samples`."""
-    from aapo_app.rollout import finish_samples, pad_rows
-
-    completion = pad_rows(rows, tokenizer.pad_token_id, prompt_ids.dtype)
-    return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
-                          prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
 
 
 def probe_slices(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,16 +310,13 @@ def _join_process_group() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-class ColocatedVLLM:
-    """A vLLM engine in this training process, on this rank's GPU.
+class VLLMEngine(Generator):
+    """What both vLLM layouts share: a session that wakes the engine, hands it the trainer's weights
+    when it follows a trainer (:meth:`follow`) and they changed, and puts it back to sleep."""
 
-    ``sleep_level`` 1 or 2 builds it with sleep mode (only one such engine per process, vLLM's
-    rule): :meth:`sleep` frees its GPU memory for the update. 0 keeps it resident (the reference
-    engine). Construction is collective: every rank builds the same engines in the same order.
-    """
-
-    is_vllm = True
-    # probe(): slices of its parameters, comparable with the trainer's; exact within one engine and
+    sleep_level = 0
+    # the start-up and post-push checks (check_engines_apart, push_weights_checked). A colocated
+    # engine's: probe() gives slices of its parameters, comparable with the trainer's; exact within one engine and
     # between two engines loaded from one checkpoint
     probe_kind = "weights"
     probe_tolerance = probe_cross_tolerance = 0.0
@@ -349,10 +328,85 @@ class ColocatedVLLM:
                        "weights ({diff}); both must load model.path")
     changed_message = ("rollout.backend=vllm: the reference engine's weights changed during training ({diff}): "
                        "it shares the policy engine's weights, and AAPO's reference group would come from the "
-                       "policy; use rollout.reference=cached:DIR or the deepspeed backend")
+                       "policy; use rollout.reference_cache=DIR or the deepspeed backend")
 
-    def __init__(self, model_path: str, *, seed: int, sleep_level: int, gpu_memory_utilization: float,
-                 max_model_len: int | None, max_num_seqs: int | None, dtype: str = "auto", role: str = "policy"):
+
+    def __init__(self, tokenizer, eos_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.sync: WeightSync | None = None
+        self._trainer_module = self._reference = None
+        self._awake = False
+
+    def follow(self, module, reference=None) -> None:
+        """Generate from the trainer's ``module`` (ZeRO-3 partitioned): its weights are pushed at the
+        start of a session whenever they changed, and checked (:func:`push_weights_checked`; the
+        ``reference`` engine must not change). The engine sleeps until its first session."""
+        self._trainer_module, self._reference = module, reference
+        self.sync = WeightSync(self.sleep_level)
+        self._sleep()
+        self.sync.fell_asleep()
+
+    def weights_changed(self) -> None:
+        if self.sync is not None:
+            self.sync.changed()
+
+    @contextlib.contextmanager
+    def session(self):
+        if self._awake:  # nested
+            yield self
+            return
+        self._wake(["weights"])
+        if self.sync is not None:
+            if self.sync.needs_push():
+                push_weights_checked(self._trainer_module, self, self._reference)
+                self.sync.did_push()
+            self.sync.woke()
+        self._wake(["kv_cache"])
+        self._awake = True
+        try:
+            yield self
+        finally:
+            self._awake = False
+            self._sleep()
+            if self.sync is not None and self.sleep_level:
+                self.sync.fell_asleep()
+
+    def _wake(self, tags: list[str]) -> None:
+        """Take back the GPU memory of ``tags`` (a sleeping colocated engine)."""
+
+    # -- weights (subclasses: load_weights, reset_prefix_cache, probe, storage_ids) -----------
+    def take_weights(self, module) -> int:
+        """Copy the trainer's full parameters in, one decoder layer at a time, each gathered from its
+        ZeRO-3 partitions only while it is copied. Collective. Returns the number of tensors."""
+        from aapo_app.engine import stream_full_parameter_groups
+
+        count = 0
+        for group in stream_full_parameter_groups(module, per="layer"):
+            self.load_weights(group)
+            count += len(group)
+        return count
+
+    def shared_with(self, other) -> str:
+        """'' unless this engine and ``other`` are certainly one engine (here: share weight memory)."""
+        return "memory" if self.storage_ids() & other.storage_ids() else ""
+
+    def _sleep(self) -> None:
+        """Give the GPU memory back for the update (a colocated engine with sleep mode)."""
+
+
+class ColocatedVLLM(VLLMEngine):
+    """A vLLM engine in this training process, on this rank's GPU.
+
+    ``sleep_level`` 1 or 2 builds it with sleep mode (only one such engine per process, vLLM's
+    rule): :meth:`sleep` frees its GPU memory for the update. 0 keeps it resident (the reference
+    engine). Construction is collective: every rank builds the same engines in the same order.
+    """
+
+    def __init__(self, model_path: str, tokenizer, eos_ids: list[int], *, seed: int, sleep_level: int,
+                 gpu_memory_utilization: float, max_model_len: int | None, max_num_seqs: int | None,
+                 dtype: str = "auto", role: str = "policy"):
+        super().__init__(tokenizer, eos_ids)
         check_vllm()
         _join_process_group()
         import vllm
@@ -370,7 +424,7 @@ class ColocatedVLLM:
         except (ValueError, RuntimeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise AapoError(f"rollout.backend=vllm: the {role} engine could not start ({first}); lower or raise "
-                            f"rollout.vllm_gpu_memory_utilization (each engine takes that fraction of the GPU), "
+                            f"vllm.gpu_memory_utilization (each engine takes that fraction of the GPU), "
                             f"or lower rollout.max_new_tokens") from exc
         # the dtype the weights are stored in (what the loader rounds pushed tensors to)
         self.dtype = str(next(self._model().parameters()).dtype).replace("torch.", "")
@@ -385,18 +439,15 @@ class ColocatedVLLM:
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     # -- memory --------------------------------------------------------------------------------
-    def sleep(self) -> None:
+    def _sleep(self) -> None:
         if self.sleep_level:
             self.llm.sleep(level=self.sleep_level)
 
-    def wake_weights(self) -> None:
+    def _wake(self, tags: list[str]) -> None:
         if self.sleep_level:
-            torch.cuda.empty_cache()
-            self.llm.wake_up(tags=["weights"])
-
-    def wake_cache(self) -> None:
-        if self.sleep_level:
-            self.llm.wake_up(tags=["kv_cache"])
+            if tags == ["weights"]:
+                torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags)
 
     # -- weights -------------------------------------------------------------------------------
     def load_weights(self, named_tensors) -> None:
@@ -415,34 +466,30 @@ class ColocatedVLLM:
     def storage_ids(self) -> set[int]:
         return {p.data_ptr() for p in self._model().parameters()}
 
-    def shared_with(self, other) -> str:
-        """'' unless this engine and ``other`` share weight memory."""
-        return "memory" if self.storage_ids() & other.storage_ids() else ""
-
     @property
     def source(self) -> str:
         return f"vllm-colocated-{self.role}"
 
     # -- sampling ------------------------------------------------------------------------------
-    def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
-               max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
-               eos_ids: list[int]):
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, sampling: Sampling,
+               seed: int):
         """``num_samples`` completions per prompt (greedy when temperature is None): one request per
         completion with its own seed; prefix caching shares the prompt's prefill among them."""
         prompts = prompt_token_lists(prompt_ids, prompt_mask)
         seeds = request_seeds(seed, len(prompts), num_samples)
-        greedy = temperature is None
+        s, greedy = sampling, sampling.temperature is None
         requests, params = [], []
         for i, ids in enumerate(prompts):
             for j in range(num_samples):
                 requests.append({"prompt_token_ids": ids})
                 params.append(self.vllm.SamplingParams(
-                    n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                    top_k=0 if greedy else top_k, max_tokens=max_new_tokens, seed=seeds[i * num_samples + j],
-                    stop_token_ids=list(eos_ids), skip_special_tokens=True))
+                    n=1, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
+                    top_k=0 if greedy else s.top_k, max_tokens=s.max_new_tokens, seed=seeds[i * num_samples + j],
+                    stop_token_ids=list(self.eos_ids), skip_special_tokens=True))
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        rows = completion_rows([c.token_ids for out in outputs for c in out.outputs], eos_ids, max_new_tokens)
-        return to_samples(tokenizer, prompt_ids, prompt_mask, rows, num_samples, eos_ids, max_new_tokens)
+        rows = completion_rows([c.token_ids for out in outputs for c in out.outputs], self.eos_ids, s.max_new_tokens)
+        return samples_from_rows(self.tokenizer, prompt_ids, prompt_mask, rows, num_samples, self.eos_ids,
+                                 s.max_new_tokens)
 
 
 # --------------------------------------------------------------------------- server
@@ -471,42 +518,42 @@ def check_server_client() -> None:
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
-        raise AapoError("rollout.vllm_mode=server talks to the server through TRL's VLLMClient, which is not "
+        raise AapoError("vllm.mode=server talks to the server through TRL's VLLMClient, which is not "
                         "installed; `pip install 'aapo[vllm-server]'`")
     version = importlib.metadata.version("vllm")
     parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
     if parts < SERVER_MIN_VLLM:
-        raise AapoError(f"rollout.vllm_mode=server needs vLLM >= {'.'.join(map(str, SERVER_MIN_VLLM))} (its weight-"
+        raise AapoError(f"vllm.mode=server needs vLLM >= {'.'.join(map(str, SERVER_MIN_VLLM))} (its weight-"
                         f"transfer endpoints; this machine has {version}); upgrade vLLM, or use "
-                        f"rollout.vllm_mode=colocate")
+                        f"vllm.mode=colocate")
 
 
-class ServerVLLM:
+class ServerVLLM(VLLMEngine):
     """A ``vllm serve`` process shared by all ranks (started by the user; README "vLLM rollouts").
 
     Every rank sends its own prompts over HTTP. With ``push=True`` rank 0 joins the server's NCCL
     weight-transfer group (TRL's ``VLLMClient``) and streams the policy's weights to it."""
 
-    is_vllm = True
-    sleep_level = 0
     # probe(): the server's greedy completion of PROBE_PROMPT and its log-probs (its weights cannot
     # be read from here)
     probe_kind = "logprobs"
     probe_tolerance = SERVER_PROBE_TOLERANCE
     probe_cross_tolerance = SERVER_CROSS_TOLERANCE
     compare = staticmethod(compare_greedy_probes)
-    shares_message = ("rollout.vllm_reference_url reaches the policy's server ({where}, as rollout.vllm_server_url "
+    shares_message = ("vllm.reference_url reaches the policy's server ({where}, as vllm.server_url "
                       "does): the reference group would be sampled from the trained weights; start a second "
                       "`vllm serve` with model.path and give its URL")
-    differs_message = ("rollout.vllm_reference_url: the reference server and the policy server compute different "
+    differs_message = ("vllm.reference_url: the reference server and the policy server compute different "
                        "log-probs for the same probe before any weight was pushed ({diff}); both must serve "
                        "model.path (restart a policy server that an earlier run pushed weights into)")
-    changed_message = ("rollout.vllm_reference_url: the reference server's log-probs changed when weights were "
+    changed_message = ("vllm.reference_url: the reference server's log-probs changed when weights were "
                        "pushed to the policy server ({diff}): both URLs reach one server (a proxy, another name "
                        "of the host) or something else writes to it; give the reference a `vllm serve` of its own "
-                       "that holds model.path, or use rollout.reference=cached:DIR")
+                       "that holds model.path, or use rollout.reference_cache=DIR")
 
-    def __init__(self, url: str, *, push: bool, rank: int, timeout_s: float, role: str = "policy"):
+    def __init__(self, url: str, tokenizer, eos_ids: list[int], *, push: bool, rank: int, timeout_s: float,
+                 role: str = "policy"):
+        super().__init__(tokenizer, eos_ids)
         check_server_client()
         from trl.generation.vllm_client import VLLMClient
 
@@ -547,7 +594,7 @@ class ServerVLLM:
             out = self._generate(PROBE_PROMPT, n=1, max_new_tokens=PROBE_NEW_TOKENS, temperature=None, top_p=1.0,
                                  top_k=0, seed=0, eos_ids=[], logprobs=PROBE_TOP)
         except Exception as exc:  # noqa: BLE001 - requests' and TRL's errors, as one line
-            field_name = "rollout.vllm_server_url" if self.role == "policy" else "rollout.vllm_reference_url"
+            field_name = "vllm.server_url" if self.role == "policy" else "vllm.reference_url"
             raise AapoError(f"{field_name}: the server at {self.url} did not answer the probe request "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check that it "
                             f"is a running `vllm serve` (README 'vLLM rollouts')") from exc
@@ -572,14 +619,23 @@ class ServerVLLM:
 
         return on_rank0(self._probe_request)
 
-    def sleep(self) -> None:
-        pass
+    def take_weights(self, module) -> int:
+        """Rank 0 streams every gathered layer to the server (NCCL, TRL's client). TRL packs several
+        tensors into one broadcast, so it may still hold a tensor after the next layer was gathered
+        (and this one released): each gets its own copy. Collective."""
+        from aapo_app.engine import stream_full_parameter_groups
 
-    def wake_weights(self) -> None:
-        pass
+        count = 0
 
-    def wake_cache(self) -> None:
-        pass
+        def stream():
+            nonlocal count
+            for group in stream_full_parameter_groups(module, per="layer"):
+                count += len(group)
+                for name, tensor in group:
+                    yield name, tensor.clone()
+
+        self.load_weights(stream(), push_metadata(module))
+        return count
 
     def load_weights(self, named_tensors, metadata=None) -> None:
         """Rank 0 broadcasts the stream to the server; the other ranks only drain it (the ZeRO-3
@@ -595,9 +651,8 @@ class ServerVLLM:
         if self.pushing:
             self.client.reset_prefix_cache()
 
-    def sample(self, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int,
-               max_new_tokens: int, temperature: float | None, top_p: float, top_k: int, seed: int,
-               eos_ids: list[int]):
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, sampling: Sampling,
+               seed: int):
         """One request per prompt with ``n`` = ``num_samples`` and the prompt's own seed (vLLM gives
         its n samples seed + j; a single request for all prompts would give sample j of every prompt
         the same seed), sent concurrently."""
@@ -607,15 +662,18 @@ class ServerVLLM:
 
         prompts = prompt_token_lists(prompt_ids, prompt_mask)
 
+        s = sampling
+
         def one(i: int) -> list[list[int]]:
-            return self._generate(prompts[i], n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, seed=stream_seed(seed, i),
-                                  eos_ids=eos_ids)["completion_ids"]
+            return self._generate(prompts[i], n=num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                  top_p=s.top_p, top_k=s.top_k, seed=stream_seed(seed, i),
+                                  eos_ids=self.eos_ids)["completion_ids"]
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(prompts)))) as pool:
             groups = list(pool.map(one, range(len(prompts))))
-        rows = completion_rows([ids for group in groups for ids in group], eos_ids, max_new_tokens)
-        return to_samples(tokenizer, prompt_ids, prompt_mask, rows, num_samples, eos_ids, max_new_tokens)
+        rows = completion_rows([ids for group in groups for ids in group], self.eos_ids, s.max_new_tokens)
+        return samples_from_rows(self.tokenizer, prompt_ids, prompt_mask, rows, num_samples, self.eos_ids,
+                                 s.max_new_tokens)
 
 
 # --------------------------------------------------------------------------- the trainer's side
@@ -633,24 +691,7 @@ def push_weights(module, engine) -> int:
     """Stream the trainer's full parameters into ``engine`` one decoder layer at a time, then reset
     its prefix cache (its cached prompt states were computed with the old weights). Collective.
     Returns the number of tensors pushed."""
-    from aapo_app.engine import stream_full_parameter_groups
-
-    count = 0
-    if isinstance(engine, ServerVLLM):
-        def stream():
-            nonlocal count
-            # TRL packs several tensors into one broadcast, so it may still hold a tensor after
-            # the next layer was gathered (and this one released): it gets its own copy
-            for group in stream_full_parameter_groups(module, per="layer"):
-                count += len(group)
-                for name, tensor in group:
-                    yield name, tensor.clone()
-
-        engine.load_weights(stream(), push_metadata(module))
-    else:
-        for group in stream_full_parameter_groups(module, per="layer"):  # gathered only while copied
-            engine.load_weights(group)
-            count += len(group)
+    count = engine.take_weights(module)
     engine.reset_prefix_cache()
     return count
 
@@ -659,26 +700,18 @@ class VLLMWeightsError(AapoError):
     """A vLLM engine does not hold the weights it should (the start-up or post-push check)."""
 
 
-def _trait(engine, name: str):
-    """An engine's check setting (probe_kind, tolerances, messages); an engine-like object that does
-    not say has a colocated engine's (its weights are readable)."""
-    return getattr(engine, name, getattr(ColocatedVLLM, name))
-
-
 def push_weights_checked(module, engine, reference_engine=None) -> int:
     """:func:`push_weights`, then check that the push landed in the policy engine (colocated engines,
     whose weights this process can read) and that the reference engine still computes what it did
     at start-up (:func:`check_reference_unchanged`). Before the first push to an engine whose
     weights cannot be read (a server), :func:`verify_apart_by_test_push` proves the reference is
     not the policy's engine. Collective."""
-    if (reference_engine is not None and _trait(reference_engine, "probe_kind") == "logprobs"
+    if (reference_engine is not None and reference_engine.probe_kind == "logprobs"
             and getattr(reference_engine, "reference_probe", None) is not None
             and not getattr(reference_engine, "apart_verified", False)):
         verify_apart_by_test_push(module, engine, reference_engine)
     pushed = push_weights(module, engine)
-    if not hasattr(engine, "probe"):
-        return pushed
-    if _trait(engine, "probe_kind") == "weights":
+    if engine.probe_kind == "weights":
         expected = in_dtype(trainer_probe(module), engine.dtype)
         diff = compare_probes(engine.probe(), expected, 0.0)
         if diff:
@@ -694,10 +727,10 @@ def check_reference_unchanged(reference) -> None:
     at start-up (:func:`check_engines_apart`); nothing is ever pushed to it. Collective."""
     if reference is None or getattr(reference, "reference_probe", None) is None:
         return
-    diff = _trait(reference, "compare")(reference.probe(), reference.reference_probe,
-                                        _trait(reference, "probe_tolerance"))
+    diff = reference.compare(reference.probe(), reference.reference_probe,
+                                        reference.probe_tolerance)
     if diff:
-        raise VLLMWeightsError(_trait(reference, "changed_message").format(diff=diff))
+        raise VLLMWeightsError(reference.changed_message.format(diff=diff))
 
 
 def verify_apart_by_test_push(module, policy, reference) -> None:
@@ -725,11 +758,11 @@ def verify_apart_by_test_push(module, policy, reference) -> None:
     policy.load_weights(negated(), [(TEST_PUSH_PARAM, str(param.dtype).replace("torch.", ""), shape)])
     policy.reset_prefix_cache()
     check_reference_unchanged(reference)
-    if not _trait(policy, "compare")(policy.probe(), before, _trait(policy, "probe_tolerance")):
-        raise VLLMWeightsError(f"rollout.vllm_server_url: a test push of {TEST_PUSH_PARAM} (negated) did not change "
+    if not policy.compare(policy.probe(), before, policy.probe_tolerance):
+        raise VLLMWeightsError(f"vllm.server_url: a test push of {TEST_PUSH_PARAM} (negated) did not change "
                                f"what the policy server computes: weights pushed to it do not take effect; check the "
                                f"server's weight-transfer setup (README 'vLLM rollouts'), or use "
-                               f"rollout.vllm_mode=colocate")
+                               f"vllm.mode=colocate")
     reference.apart_verified = True
 
 
@@ -738,50 +771,59 @@ def check_engines_apart(policy, reference) -> None:
     weight memory; servers: not certainly one server, :func:`same_server`), and both compute the
     same probe (both start from model.path). The reference's probe is kept for
     :func:`check_reference_unchanged`. Collective."""
-    if reference is None or not hasattr(reference, "probe"):
+    if reference is None:
         return
     if reference is policy:
         where = "itself"
-    elif hasattr(reference, "shared_with"):
+    else:
         where = reference.shared_with(policy)
-    else:  # an engine-like object holding its weights in this process
-        where = "memory" if policy.storage_ids() & reference.storage_ids() else ""
     if where:
-        raise VLLMWeightsError(_trait(reference, "shares_message").format(where=where))
+        raise VLLMWeightsError(reference.shares_message.format(where=where))
     found = reference.probe()
-    tolerance = max(_trait(policy, "probe_cross_tolerance"), _trait(reference, "probe_cross_tolerance"))
-    diff = _trait(reference, "compare")(found, policy.probe(), tolerance)
+    tolerance = max(policy.probe_cross_tolerance, reference.probe_cross_tolerance)
+    diff = reference.compare(found, policy.probe(), tolerance)
     if diff:
-        raise VLLMWeightsError(_trait(reference, "differs_message").format(diff=diff))
+        raise VLLMWeightsError(reference.differs_message.format(diff=diff))
     reference.reference_probe = found
+
+
+def check_vllm_config(cfg, algorithm) -> None:
+    """What a vLLM run's configuration needs (one-line errors), on any machine."""
+    v = cfg.vllm
+    if (v.mode == "server" and algorithm.uses_reference_samples and not cfg.rollout.reference_cache
+            and not v.reference_url):
+        raise AapoError(f"vllm.reference_url: {cfg.algorithm.name} samples a reference group every step; "
+                        f"start a second `vllm serve` with the reference model and give its URL, or build a "
+                        f"reference cache (aapo reference-rollouts) and set rollout.reference_cache=DIR")
+
+
+def check_vllm_machine(v, field_name: str = "rollout.backend=vllm", fallback: str = "rollout.backend=deepspeed") -> None:
+    """What this machine needs for ``vllm`` settings ``v``: vLLM and a GPU, and for server mode TRL's client."""
+    check_vllm(field_name, fallback)
+    if v is not None and v.mode == "server":
+        check_server_client()
 
 
 def check_vllm_run(cfg, algorithm) -> None:
     """What a vLLM run needs, checked before any engine is built (one-line errors)."""
-    r = cfg.rollout
-    if (r.vllm_mode == "server" and algorithm.uses_reference_samples and r.reference == "online"
-            and not r.vllm_reference_url):
-        raise AapoError(f"rollout.vllm_reference_url: {cfg.algorithm.name} samples a reference group every step; "
-                        f"start a second `vllm serve` with the reference model and give its URL, or build a "
-                        f"reference cache (aapo reference-rollouts) and set rollout.reference=cached:DIR")
-    check_vllm()
-    if r.vllm_mode == "server":
-        check_server_client()
+    check_vllm_config(cfg, algorithm)
+    check_vllm_machine(cfg.vllm)
 
 
-def build_engines(r, model_path: str, *, rank: int, seed: int, reference: bool, max_num_seqs: int,
-                  max_model_len: int):
-    """The policy's vLLM engine and (when ``reference``) the reference's, per ``rollout.vllm_mode``,
+def build_engines(v, model_path: str, tokenizer, eos_ids: list[int], *, rank: int, seed: int, reference: bool,
+                  max_num_seqs: int, max_model_len: int):
+    """The policy's vLLM engine and (when ``reference``) the reference's, per ``vllm.mode``,
     checked apart (:func:`check_engines_apart`). Collective."""
-    if r.vllm_mode == "server":
-        policy = ServerVLLM(r.vllm_server_url, push=True, rank=rank, timeout_s=r.vllm_timeout_s)
-        ref = (ServerVLLM(r.vllm_reference_url, push=False, rank=rank, timeout_s=r.vllm_timeout_s, role="reference")
+    if v.mode == "server":
+        policy = ServerVLLM(v.server_url, tokenizer, eos_ids, push=True, rank=rank, timeout_s=v.timeout_s)
+        ref = (ServerVLLM(v.reference_url, tokenizer, eos_ids, push=False, rank=rank, timeout_s=v.timeout_s,
+                          role="reference")
                if reference else None)
         check_engines_apart(policy, ref)
         return policy, ref
-    common = dict(seed=seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization, max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, dtype=r.vllm_dtype)
-    policy = ColocatedVLLM(model_path, sleep_level=r.vllm_sleep_level, role="policy", **common)
+    common = dict(tokenizer=tokenizer, eos_ids=eos_ids, seed=seed, gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, dtype=v.dtype)
+    policy = ColocatedVLLM(model_path, sleep_level=v.sleep_level, role="policy", **common)
     # vLLM allows one sleep-mode engine per process: the reference engine stays resident
     ref = ColocatedVLLM(model_path, sleep_level=0, role="reference", **common) if reference else None
     check_engines_apart(policy, ref)

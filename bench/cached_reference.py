@@ -1,8 +1,8 @@
 """AAPO with the reference group sampled online every step against read from a cache, over seeds.
 
 Builds the cache once (``aapo reference-rollouts``), then runs ``aapo train`` (AAPO, the embedded
-default unless overridden) for every seed with ``rollout.reference=online`` and with
-``rollout.reference=cached:DIR``, interleaved so that machine noise hits both arms alike, one run at a
+default unless overridden) for every seed with ``rollout.reference_cache=''`` and with
+``rollout.reference_cache=DIR``, interleaved so that machine noise hits both arms alike, one run at a
 time, skipping runs that already finished (so it can be resumed). Prints and writes a table:
 held-out accuracy before/after (mean ± std over seeds), AAPO's diagnostics (reference reward, group
 term, momentum term, clipping of the momentum), and seconds per step, rollout and update, with the
@@ -44,8 +44,8 @@ def run_arm(out: Path, mode: str, seed: int, cache: Path, overrides: list[str]) 
     if (run_dir / "summary.json").exists():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
-    reference = "online" if mode == "online" else f"cached:{cache}"
-    aapo("train", "--output-dir", run_dir, "--seed", seed, "algorithm.name=aapo", f"rollout.reference={reference}",
+    reference = "" if mode == "online" else str(cache)
+    aapo("train", "--output-dir", run_dir, "--seed", seed, "algorithm.name=aapo", f"rollout.reference_cache={reference}",
          "train.save_final=false", *overrides)
     return run_dir
 

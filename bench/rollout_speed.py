@@ -41,7 +41,7 @@ from _common import machine, peak_matmul_gflops, sync, write_results  # noqa: E4
 from aapo_app.data import DataConfig, load_examples, render_prompt  # noqa: E402
 from aapo_app.engine import completion_logprobs  # noqa: E402
 from aapo_app.models import load_tokenizer, resolve_model_path  # noqa: E402
-from aapo_app.rollout import encode_prompts, eos_token_ids, finish_samples, generation_kwargs  # noqa: E402
+from aapo_app.generation import encode_prompts, eos_token_ids, finish_samples, generation_kwargs  # noqa: E402
 from aapo_app.sampler import decode  # noqa: E402
 
 

@@ -57,14 +57,15 @@ def fixed_batch(args, cfg, path, policy):
     from aapo_app.batches import RolloutBatch, ScoredBatch
     from aapo_app.data import load_examples, render_prompt
     from aapo_app.models import load_tokenizer
-    from aapo_app.rollout import encode_prompts, eos_token_ids, sample
+    from aapo_app.generation import DeepSpeedGenerator, Sampling, encode_prompts, eos_token_ids
 
     tok = load_tokenizer(path)
     train, _ = load_examples(cfg.data, 0)
     examples = train[:args.prompts]
     ids, mask = encode_prompts(tok, [render_prompt(tok, ex.problem, cfg.data) for ex in examples], False)
-    samples = sample(policy, tok, ids, mask, num_samples=args.group_size, max_new_tokens=args.max_new_tokens,
-                     temperature=0.7, seed=0, eos_ids=eos_token_ids(tok, policy.module))
+    generator = DeepSpeedGenerator(policy, tok, eos_token_ids(tok, policy.module))
+    samples = generator.sample(ids, mask, num_samples=args.group_size, sampling=Sampling(args.max_new_tokens, 0.7),
+                               seed=0)
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(args.prompts, args.group_size, generator=g)
     adv = (adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)

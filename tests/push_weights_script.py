@@ -13,18 +13,20 @@ from pathlib import Path
 
 import torch
 
-from aapo_app.vllm_engine import VLLMWeightsError, check_engines_apart, probe_slices, push_weights_checked
+from aapo_app.vllm_engine import VLLMEngine, VLLMWeightsError, check_engines_apart, probe_slices, push_weights_checked
 from stream_params_script import zero3_policy
 
 
-class Receiver:
-    """A full copy of the checkpoint that takes weights the way vLLM's ``load_weights`` does."""
+class Receiver(VLLMEngine):
+    """A full copy of the checkpoint that takes weights the way vLLM's ``load_weights`` does (a
+    colocated engine's checks: its weights can be read)."""
 
     dtype = "float32"
 
     def __init__(self, model_dir: str, model=None, takes_weights: bool = True):
         from transformers import AutoModelForCausalLM
 
+        super().__init__(tokenizer=None, eos_ids=[])
         self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir)
         self.takes_weights = takes_weights
         self.loads, self.resets, self.most_in_one_load = 0, 0, 0

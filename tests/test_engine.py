@@ -12,7 +12,8 @@ import torch
 
 from aapo_app.config import load_run_config
 from aapo_app.metrics import glossary_key
-from aapo_app.rollout import encode_prompts, rollout, stream_seed
+from aapo_app.generation import DeepSpeedGenerator, Sampling, encode_prompts
+from aapo_app.rollout import stream_seed
 from aapo_app.trainer import Trainer
 
 
@@ -114,9 +115,7 @@ def test_reference_group_is_sampled_from_reference_weights(trained, tiny_model_d
     examples = trainer.train_examples[:2]
     prompts = trainer._prompts(examples)
     step, cfg = 7, trainer.cfg
-    batch = rollout(trainer.policy, trainer.reference, trainer.tokenizer, examples, prompts, cfg=cfg.rollout,
-                    algorithm=trainer.algorithm, seed=cfg.train.seed, step=step, rank=0,
-                    micro_batch_size=cfg.train.micro_batch_size, add_special_tokens=False, eos_ids=trainer.eos_ids)
+    batch = trainer.rollout(examples, prompts, step)
 
     ids, mask = encode_prompts(trainer.tokenizer, prompts, add_special_tokens=False)
     G = cfg.rollout.group_size
@@ -131,7 +130,7 @@ def test_reference_group_is_sampled_from_reference_weights(trained, tiny_model_d
         model.eval()
         with torch.no_grad():
             return decode(model, ids, mask, num_samples=G, max_new_tokens=cfg.rollout.max_new_tokens,
-                          temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, eos_ids=trainer.eos_ids,
+                          temperature=cfg.rollout.temperature, top_p=1.0, top_k=0, eos_ids=trainer.generator.eos_ids,
                           pad_id=trainer.tokenizer.pad_token_id,
                           generator=torch.Generator().manual_seed(stream_seed(cfg.train.seed, step, 0, stream)))
 
@@ -192,15 +191,13 @@ def test_deepspeed_hybrid_engine_is_refused_where_its_kernels_cannot_run(smollm2
 def test_layerwise_generation_matches_full_gather(trained):
     """rollout.gather=layerwise samples on the partitioned model through ZeRO-3's hooks; greedy
     completions must equal those of the full-gather view."""
-    from aapo_app.rollout import sample
-
     trainer, *_ = trained
     ids, mask = encode_prompts(trainer.tokenizer, trainer._prompts(trainer.eval_examples[:3]), add_special_tokens=False)
-    kwargs = dict(num_samples=1, max_new_tokens=6, temperature=None, seed=0, eos_ids=trainer.eos_ids)
-    full = sample(trainer.policy, trainer.tokenizer, ids, mask, **kwargs)
+    kwargs = dict(num_samples=1, sampling=Sampling(6), seed=0)
+    full = trainer.generator.sample(ids, mask, **kwargs)
     trainer.policy.gather = "layerwise"
     try:
-        layerwise = sample(trainer.policy, trainer.tokenizer, ids, mask, **kwargs)
+        layerwise = trainer.generator.sample(ids, mask, **kwargs)
     finally:
         trainer.policy.gather = "full"
     assert torch.equal(full.sequences, layerwise.sequences)
@@ -210,14 +207,11 @@ def test_layerwise_generation_matches_full_gather(trained):
 def test_aapo_sampler_matches_generate_on_the_engine(trained):
     """rollout.sampler=aapo (one prefill per prompt, own cache and loop) on the engine's generation
     mode gives exactly generate's greedy samples: tokens, masks, lengths, texts, truncation."""
-    from aapo_app.rollout import sample
-
     trainer, *_ = trained
     ids, mask = encode_prompts(trainer.tokenizer, trainer._prompts(trainer.eval_examples[:3]), add_special_tokens=False)
-    kwargs = dict(num_samples=2, max_new_tokens=7, temperature=None, seed=0, eos_ids=trainer.eos_ids,
-                  generation_batch_size=4)
-    ours = sample(trainer.policy, trainer.tokenizer, ids, mask, sampler="aapo", **kwargs)
-    hf = sample(trainer.policy, trainer.tokenizer, ids, mask, sampler="hf", **kwargs)
+    eos, kwargs = trainer.generator.eos_ids, dict(num_samples=2, sampling=Sampling(7), seed=0)
+    ours = DeepSpeedGenerator(trainer.policy, trainer.tokenizer, eos, sampler="aapo", chunk=4).sample(ids, mask, **kwargs)
+    hf = DeepSpeedGenerator(trainer.policy, trainer.tokenizer, eos, sampler="hf", chunk=4).sample(ids, mask, **kwargs)
     width = hf.sequences.shape[1]  # generate stops at the longest row, aapo's loop pads to max_new_tokens
     assert torch.equal(ours.sequences[:, :width], hf.sequences)
     assert not ours.completion_mask[:, hf.completion_mask.shape[1]:].any()

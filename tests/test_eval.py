@@ -105,7 +105,14 @@ def bad_eval_inputs(tmp_path, shared_dir):
     done = tmp_path / "done"
     done.mkdir()
     (done / "results.json").write_text("{}")
+    bad_config = tmp_path / "eval.yaml"
+    bad_config.write_text("tempreature: 0.5\n")
     return [
+        (["--config", str(bad_config)], ["'tempreature' is not a known key", "temperature"]),
+        (["temperature=hot"], ["temperature", "float"]),
+        (["backend=sglang"], ["backend must be one of hf, vllm"]),
+        (["protocol=gsm8k"], ["protocol", "lighteval or simplerl"]),
+        (["--config", str(tmp_path / "missing.yaml")], ["--config", "no file"]),
         (["--benchmarks", "gsm8k"], ["--benchmarks", "gsm8k"]),
         (["--data-dir", str(tmp_path / "nope")], ["--data-dir", "not a directory"]),
         (["--data-dir", str(partial), "--benchmarks", "aime24,amc23"], ["--data-dir", "amc23/test.jsonl"]),
@@ -139,6 +146,19 @@ def test_eval_bad_input_one_line_exit_2(tmp_path, shared_dir):
         for word in words:
             assert word in lines[0], (args, word, lines[0])
     assert json.loads((tmp_path / "done" / "results.json").read_text()) == {}  # not overwritten
+
+
+def test_eval_settings_from_a_file_overrides_and_flags(tmp_path):
+    """The protocol's defaults, then the --config file, then KEY=VALUE overrides, then the flags."""
+    from aapo_app.evaluate import PROTOCOLS, eval_settings
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("protocol: simplerl\ntemperature: 0.9\nn_samples: 4\nk: [1, 4]\ntop_p: 0.7\n")
+    s = eval_settings(str(path), ["top_p=0.8", "seed=3"], temperature=0.5, n_samples=None)
+    assert (s.protocol, s.temperature, s.top_p, s.n_samples, s.k, s.seed) == ("simplerl", 0.5, 0.8, 4, (1, 4), 3)
+    assert s.max_new_tokens == PROTOCOLS["simplerl"].max_new_tokens  # the file's protocol's default
+    assert eval_settings(str(path), [], protocol="lighteval").prompt_template == PROTOCOLS["lighteval"].prompt_template
+    assert eval_settings(None, ["k=1,2", "n_samples=2"]).k == (1, 2)
 
 
 def test_run_checkpoints_selection(tmp_path):
@@ -266,11 +286,11 @@ def test_eval_of_a_training_runs_checkpoints(tiny_model_dir, tmp_path, shared_di
 def test_interrupted_eval_resumes_without_resampling(tiny_model_dir, tmp_path, shared_dir, monkeypatch):
     """A run killed after its first batch resumes with --resume: the journaled batch is read back
     (not sampled again), and the result equals an uninterrupted run's, sample for sample."""
-    from aapo_app.evaluate import HFBackend
+    from aapo_app.generation import DeepSpeedGenerator
 
     args = ["eval", "--model", str(tiny_model_dir), "--benchmarks", "aime24,amc23", "--data-dir",
             str(shared_dir / "benchmarks"), "--limit", "2", "--batch-size", "1", "--max-new-tokens", "5"]
-    real_generate, calls = HFBackend.generate, []
+    real_generate, calls = DeepSpeedGenerator.sample, []
 
     def failing_generate(self, *a, **kw):
         calls.append(1)
@@ -278,7 +298,7 @@ def test_interrupted_eval_resumes_without_resampling(tiny_model_dir, tmp_path, s
             raise RuntimeError("simulated crash")
         return real_generate(self, *a, **kw)
 
-    monkeypatch.setattr(HFBackend, "generate", failing_generate)
+    monkeypatch.setattr(DeepSpeedGenerator, "sample", failing_generate)
     out = tmp_path / "interrupted"
     result = CliRunner().invoke(main, [*args, "--output-dir", str(out)])
     assert isinstance(result.exception, RuntimeError) and not (out / "results.json").exists()
@@ -291,7 +311,7 @@ def test_interrupted_eval_resumes_without_resampling(tiny_model_dir, tmp_path, s
         calls.append(1)
         return real_generate(self, *a, **kw)
 
-    monkeypatch.setattr(HFBackend, "generate", counting_generate)
+    monkeypatch.setattr(DeepSpeedGenerator, "sample", counting_generate)
     calls.clear()
     code, output = run_cli([*args, "--output-dir", str(out), "--resume"])
     assert code == 0, output

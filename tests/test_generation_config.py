@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from aapo_app.engine import position_ids
-from aapo_app.rollout import encode_prompts, finish_samples, rollout, sample, stream_seed
+from aapo_app.generation import DeepSpeedGenerator, Sampling, encode_prompts, finish_samples
+from aapo_app.rollout import Rollout, stream_seed
 
 # settings that each change greedy tokens or the sampled distribution when generate merges them in
 MODEL_FILE_SETTINGS = {"repetition_penalty": 5.0, "top_k": 5, "min_p": 0.5, "typical_p": 0.5,
@@ -86,14 +87,17 @@ def want(plain):
 
 @pytest.fixture(scope="module")
 def backend(penalized_dir, smollm2_tokenizer):
-    """``aapo eval``'s hf backend: a ZeRO-3 inference engine on the penalized model."""
+    """``aapo eval``'s hf generator: a ZeRO-3 inference engine on the penalized model."""
+    from aapo_app.builder import ModelFiles, eval_generator
     from aapo_app.ds_config import DEFAULT_REFERENCE_CONFIG, fill_inference_ds_config, read_ds_config
     from aapo_app.engine import init_distributed
-    from aapo_app.evaluate import HFBackend
+    from aapo_app.generation import checkpoint_eos_ids
 
     init_distributed()
     ds = fill_inference_ds_config(read_ds_config(None, DEFAULT_REFERENCE_CONFIG), 1)
-    return HFBackend(str(penalized_dir), ds, smollm2_tokenizer)
+    tok = smollm2_tokenizer
+    files = ModelFiles(str(penalized_dir), tok, None, checkpoint_eos_ids(tok, str(penalized_dir)))
+    return eval_generator("hf", files, ds, seed=0, sampler="hf")
 
 
 @pytest.mark.parametrize("sampler,gather", [("hf", "full"), ("hf", "layerwise"), ("aapo", "full")])
@@ -103,23 +107,22 @@ def test_greedy_tokens_on_the_zero3_engine_ignore_the_models_generation_config(b
     engine = backend.model
     engine.gather = gather
     try:
-        s = sample(engine, tok, ids, mask, num_samples=1, max_new_tokens=NEW, temperature=None, seed=0,
-                   eos_ids=[-1], sampler=sampler)
+        s = DeepSpeedGenerator(engine, tok, [-1], sampler=sampler).sample(ids, mask, num_samples=1,
+                                                                         sampling=Sampling(NEW), seed=0)
     finally:
         engine.gather = "full"
     assert torch.equal(s.sequences[:, ids.shape[1]:], want)
 
 
 def test_eval_hf_backend_ignores_the_models_generation_config(backend, plain, want):
-    from aapo_app.evaluate import EvalSettings
-
+    """``aapo eval``'s generator (greedy, the model's EOS tokens) samples what the plain model's
+    greedy decoding gives, cut at the model's EOS."""
     _, tok, ids, mask = plain
-    settings = EvalSettings(temperature=None, sampler="hf", n_samples=1)
-    with backend.session() as gen:
-        out = backend.generate(gen, PROMPTS, True, settings, seed=0, max_new_tokens=NEW)
+    with backend.session():
+        out = backend.sample(ids, mask, num_samples=1, sampling=Sampling(NEW), seed=0)
     expected = finish_samples(tok, ids, mask, want, backend.eos_ids, NEW)
-    assert [o["completion"] for o in out] == expected.texts
-    assert [o["tokens"] for o in out] == expected.lengths.tolist()
+    assert out.texts == expected.texts
+    assert out.lengths.tolist() == expected.lengths.tolist()
 
 
 @pytest.mark.parametrize("sampler", ["hf", "aapo"])
@@ -141,8 +144,8 @@ def test_first_token_frequencies_follow_softmax_of_logits_over_t(backend, plain,
     p = (logits / T).softmax(-1)
     top = int(p.argmax())
     assert top in ids[2].tolist()  # the repetition penalty applies to it
-    s = sample(backend.model, tok, ids[2:3], mask[2:3], num_samples=n, max_new_tokens=1, temperature=float(T),
-               top_p=1.0, top_k=0, seed=1, eos_ids=[-1], sampler=sampler)
+    s = DeepSpeedGenerator(backend.model, tok, [-1], sampler=sampler).sample(
+        ids[2:3], mask[2:3], num_samples=n, sampling=Sampling(1, float(T)), seed=1)
     first = s.sequences[:, ids.shape[1]]
     freq = float((first == top).double().mean())
     assert abs(freq - float(p[top])) < 5 * float((p[top] * (1 - p[top]) / n).sqrt()), (float(p[top]), freq)
@@ -152,7 +155,7 @@ def test_first_token_frequencies_follow_softmax_of_logits_over_t(backend, plain,
 
 
 class _Plain:
-    """A plain Hugging Face model behind the interface ``rollout`` samples through."""
+    """A plain Hugging Face model behind the engine interface :class:`DeepSpeedGenerator` samples on."""
 
     hybrid_engine = False
     synced_gpus = False
@@ -185,23 +188,24 @@ def test_policy_and_reference_are_sampled_with_the_same_settings(echo_dir, penal
         return config, model_kwargs
 
     monkeypatch.setattr(GenerationMixin, "_prepare_generation_config", spy)
-    policy = _Plain(AutoModelForCausalLM.from_pretrained(echo_dir, dtype=torch.float32).eval())
-    reference = _Plain(AutoModelForCausalLM.from_pretrained(penalized_dir, dtype=torch.float32).eval())
-    assert policy.module.generation_config.repetition_penalty in (None, 1.0)
+    tok = smollm2_tokenizer
+    policy = DeepSpeedGenerator(_Plain(AutoModelForCausalLM.from_pretrained(echo_dir, dtype=torch.float32).eval()),
+                                tok, [tok.eos_token_id], sampler="hf")
+    reference = DeepSpeedGenerator(_Plain(AutoModelForCausalLM.from_pretrained(penalized_dir, dtype=torch.float32)
+                                          .eval()), tok, [tok.eos_token_id], sampler="hf")
+    assert policy.model.module.generation_config.repetition_penalty in (None, 1.0)
     cfg = load_run_config(None, ["rollout.sampler=hf", "rollout.group_size=4", "rollout.max_new_tokens=6",
                                  "train.micro_batch_size=4"]).rollout
     algorithm = type("Aapo", (), {"uses_reference_samples": True, "uses_reference_logprobs": False})()
-    tok = smollm2_tokenizer
-    batch = rollout(policy, None, tok, [None, None], PROMPTS[:2], cfg=cfg, algorithm=algorithm, seed=5, step=3, rank=0,
-                    micro_batch_size=4, add_special_tokens=True, eos_ids=[tok.eos_token_id],
-                    reference_sampler=reference)
+    stage = Rollout(policy=policy, tokenizer=tok, rollout=cfg, algorithm=algorithm, seed=5, rank=0,
+                    micro_batch_size=4, add_special_tokens=True, reference=reference)
+    batch = stage([None, None], PROMPTS[:2], step=3)
     assert len(effective) == 2
     pol, ref = ({k: v for k, v in c.items() if k != "transformers_version"} for c in effective)
     assert pol == ref
     for key, value in MODEL_FILE_SETTINGS.items():
         assert ref.get(key) != value, key
     ids, mask = encode_prompts(tok, PROMPTS[:2], add_special_tokens=True)
-    again = sample(policy, tok, ids, mask, num_samples=cfg.group_size, max_new_tokens=6, temperature=cfg.temperature,
-                   top_p=cfg.top_p, top_k=cfg.top_k, seed=stream_seed(5, 3, 0, "reference"),
-                   eos_ids=[tok.eos_token_id], sampler="hf")
+    again = policy.sample(ids, mask, num_samples=cfg.group_size, sampling=Sampling.of_rollout(cfg),
+                          seed=stream_seed(5, 3, 0, "reference"))
     assert torch.equal(batch.reference.sequences, again.sequences)

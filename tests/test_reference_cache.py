@@ -1,4 +1,4 @@
-"""`aapo reference-rollouts` and rollout.reference=cached:DIR (tiny model; one 2-rank launch, slow)."""
+"""`aapo reference-rollouts` and rollout.reference_cache=DIR (tiny model; one 2-rank launch, slow)."""
 
 import json
 import os
@@ -76,13 +76,13 @@ def test_seeds_extend_the_cache_to_other_splits(cache, tiny_model_dir, tmp_path)
     counts = build(cfg, copy, log=lambda msg: None, seeds=[0, 1])
     assert counts == {"cached_before": 10, "sampled": new, "total": 10 + new}
     assert {rec["prompt_id"] for rec in read_records(copy).values()} == ids[0] | ids[1]
-    run = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{copy}", "train.seed=1")
+    run = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference_cache={copy}", "train.seed=1")
     assert train_run(run).reference is None
 
 
 def test_training_uses_the_stored_groups_and_builds_no_reference_engine(cache, tiny_model_dir, tmp_path):
     cache_dir, _ = cache
-    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{cache_dir}")
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference_cache={cache_dir}")
     trainer = train_run(cfg)
     assert trainer.reference is None
     stored = {rec["prompt_id"]: rec for rec in read_records(cache_dir).values()}
@@ -95,17 +95,17 @@ def test_training_uses_the_stored_groups_and_builds_no_reference_engine(cache, t
 
 def test_a_cache_for_other_settings_is_refused(cache, tiny_model_dir, tmp_path):
     cache_dir, _ = cache
-    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference=cached:{cache_dir}", "rollout.temperature=0.9")
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"rollout.reference_cache={cache_dir}", "rollout.temperature=0.9")
     with pytest.raises(AapoError, match=r"sampling.temperature \(cache 0.7, this run 0.9\)"):
         Trainer(cfg)
     with pytest.raises(AapoError, match=r"--out: .*rewards.weights"):
         build(_cfg(tiny_model_dir, tmp_path / "unused", "rewards.weights={test_char_length: 2.0}"), cache_dir,
               log=lambda msg: None)
     with pytest.raises(AapoError, match="is not a reference cache"):
-        Trainer(_cfg(tiny_model_dir, tmp_path / "run2", f"rollout.reference=cached:{tmp_path / 'nothing'}"))
+        Trainer(_cfg(tiny_model_dir, tmp_path / "run2", f"rollout.reference_cache={tmp_path / 'nothing'}"))
 
 
-SERVER = ["rollout.backend=vllm", "rollout.vllm_mode=server", "rollout.vllm_server_url=http://policy-box:8000"]
+SERVER = ["rollout.backend=vllm", "vllm.mode=server", "vllm.server_url=http://policy-box:8000"]
 
 
 @pytest.mark.parametrize("reference", [None, "http://10.1.2.3:8000"])
@@ -114,8 +114,8 @@ def test_a_server_mode_cache_is_never_sampled_from_the_policys_server(tiny_model
     policy's (policy-box is 10.1.2.3): one line naming the field, exit 2, nothing written."""
     from test_cli import assert_one_line_error
 
-    extra = [f"rollout.vllm_reference_url={reference}"] if reference else []
-    words = ["rollout.vllm_reference_url", "vllm serve"] + (["policy's server"] if reference else [])
+    extra = [f"vllm.reference_url={reference}"] if reference else []
+    words = ["vllm.reference_url", "vllm serve"] + (["policy's server"] if reference else [])
     assert_one_line_error(["reference-rollouts", "--out", str(tmp_path / "cache"),
                            *tiny_overrides(tiny_model_dir, tmp_path / "unused", *SERVER, *extra)], words)
     assert not (tmp_path / "cache").exists()
@@ -131,8 +131,8 @@ def test_a_server_mode_cache_records_its_reference_server(tiny_model_dir, tmp_pa
     monkeypatch.setattr(V, "check_vllm", lambda *a, **k: None)
     fake_servers.update({8000: FakeServer(_tiny_lm(tiny_model_dir)), 8001: FakeServer(_tiny_lm(tiny_model_dir))})
     url = "http://localhost:8001"
-    cfg = _cfg(tiny_model_dir, tmp_path / "unused", "rollout.backend=vllm", "rollout.vllm_mode=server",
-               "rollout.vllm_server_url=http://localhost:8000", f"rollout.vllm_reference_url={url}")
+    cfg = _cfg(tiny_model_dir, tmp_path / "unused", "rollout.backend=vllm", "vllm.mode=server",
+               "vllm.server_url=http://localhost:8000", f"vllm.reference_url={url}")
     counts = build(cfg, tmp_path / "cache", log=lambda msg: None)
     records = read_records(tmp_path / "cache")
     assert counts["sampled"] == 10 and len(records) == 10

@@ -2,7 +2,8 @@
 
 import torch
 
-from aapo_app.rollout import finish_samples, stream_seed
+from aapo_app.generation import finish_samples
+from aapo_app.rollout import stream_seed
 
 
 class _Tok:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aapo_app.rollout import generation_kwargs
+from aapo_app.generation import generation_kwargs
 from aapo_app.sampler import PreallocatedLayer, decode, draw, process_logits
 
 

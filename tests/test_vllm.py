@@ -11,7 +11,8 @@ import torch
 
 from aapo_app.config import load_run_config
 from aapo_app.errors import AapoError
-from aapo_app.vllm_engine import WeightSync, completion_rows, request_seeds, to_samples
+from aapo_app.generation import samples_from_rows
+from aapo_app.vllm_engine import WeightSync, completion_rows, request_seeds
 from test_cli import assert_one_line_error
 from test_engine import tiny_overrides, train_run
 
@@ -22,11 +23,11 @@ HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_av
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rollout.backend=sglang", "rollout.backend must be 'deepspeed' or 'vllm'"),
-    ("rollout.vllm_mode=remote", "rollout.vllm_mode must be 'colocate' or 'server'"),
-    ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization must be in (0, 1)"),
-    ("rollout.vllm_sleep_level=3", "rollout.vllm_sleep_level must be 0, 1 or 2"),
-    ("rollout.vllm_dtype=int8", "rollout.vllm_dtype must be auto, bfloat16, float16 or float32"),
+    ("rollout.backend=sglang", "rollout.backend must be one of deepspeed, vllm"),
+    ("vllm.mode=remote", "vllm.mode must be one of colocate, server"),
+    ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization must be in (0, 1)"),
+    ("vllm.sleep_level=3", "vllm.sleep_level must be one of 0, 1, 2"),
+    ("vllm.dtype=int8", "vllm.dtype must be one of auto, bfloat16, float16, float32"),
 ])
 def test_bad_vllm_settings_are_refused(override, message):
     with pytest.raises(AapoError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -36,18 +37,18 @@ def test_bad_vllm_settings_are_refused(override, message):
 def test_vllm_settings_that_contradict_each_other_are_refused():
     with pytest.raises(AapoError, match="rollout.gather=layerwise and rollout.deepspeed_hybrid_engine do not apply"):
         load_run_config(None, ["rollout.backend=vllm", "rollout.gather=layerwise"])
-    with pytest.raises(AapoError, match="needs rollout.vllm_server_url"):
-        load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server"])
+    with pytest.raises(AapoError, match="needs vllm.server_url"):
+        load_run_config(None, ["rollout.backend=vllm", "vllm.mode=server"])
     with pytest.raises(AapoError, match="must be an http"):
-        load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server", "rollout.vllm_server_url=host:8000"])
+        load_run_config(None, ["rollout.backend=vllm", "vllm.mode=server", "vllm.server_url=host:8000"])
     with pytest.raises(AapoError, match="is the policy's server"):
-        load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server",
-                               "rollout.vllm_server_url=http://h:8000", "rollout.vllm_reference_url=http://h:8000/"])
+        load_run_config(None, ["rollout.backend=vllm", "vllm.mode=server",
+                               "vllm.server_url=http://h:8000", "vllm.reference_url=http://h:8000/"])
     with pytest.raises(AapoError, match="port number"):
-        load_run_config(None, ["rollout.backend=vllm", "rollout.vllm_mode=server",
-                               "rollout.vllm_server_url=http://h:99999"])
-    # the settings are only checked against each other when vLLM is chosen
-    assert load_run_config(None, ["rollout.vllm_mode=server"]).rollout.backend == "deepspeed"
+        load_run_config(None, ["rollout.backend=vllm", "vllm.mode=server",
+                               "vllm.server_url=http://h:99999"])
+    # a server URL is only required when vLLM generates
+    assert load_run_config(None, ["vllm.mode=server"]).rollout.backend == "deepspeed"
 
 
 @pytest.mark.skipif(HAS_VLLM_GPU, reason="this machine can run vLLM")
@@ -62,13 +63,13 @@ def test_a_server_run_for_aapo_needs_a_reference_server_or_a_cache():
     from aapo_app.algorithms import build_algorithm
     from aapo_app.vllm_engine import check_vllm_run
 
-    server = ["rollout.backend=vllm", "rollout.vllm_mode=server", "rollout.vllm_server_url=http://h:8000"]
+    server = ["rollout.backend=vllm", "vllm.mode=server", "vllm.server_url=http://h:8000"]
     aapo, grpo = build_algorithm("aapo", None), build_algorithm("grpo", None)
-    with pytest.raises(AapoError, match="rollout.vllm_reference_url: aapo samples a reference group"):
+    with pytest.raises(AapoError, match="vllm.reference_url: aapo samples a reference group"):
         check_vllm_run(load_run_config(None, server), aapo)
     # GRPO samples no reference group; AAPO with a cache needs no reference server: next comes vLLM itself
     for cfg, algorithm in ((load_run_config(None, server), grpo),
-                           (load_run_config(None, [*server, "rollout.reference=cached:somewhere"]), aapo)):
+                           (load_run_config(None, [*server, "rollout.reference_cache=somewhere"]), aapo)):
         if HAS_VLLM_GPU:
             check_vllm_run(cfg, algorithm)
         else:
@@ -76,7 +77,7 @@ def test_a_server_run_for_aapo_needs_a_reference_server_or_a_cache():
                 check_vllm_run(cfg, algorithm)
 
 
-SERVER = ["rollout.backend=vllm", "rollout.vllm_mode=server"]
+SERVER = ["rollout.backend=vllm", "vllm.mode=server"]
 
 
 @pytest.mark.parametrize("policy, reference", [
@@ -86,9 +87,9 @@ SERVER = ["rollout.backend=vllm", "rollout.vllm_mode=server"]
     ("https://gpu-box", "https://GPU-box:443/"),
 ])
 def test_spellings_of_one_server_are_one_server_in_the_configuration(policy, reference):
-    with pytest.raises(AapoError, match="rollout.vllm_reference_url is the policy's server"):
-        load_run_config(None, [*SERVER, f"rollout.vllm_server_url={policy}",
-                               f"rollout.vllm_reference_url={reference}"])
+    with pytest.raises(AapoError, match="vllm.reference_url is the policy's server"):
+        load_run_config(None, [*SERVER, f"vllm.server_url={policy}",
+                               f"vllm.reference_url={reference}"])
 
 
 @pytest.mark.parametrize("policy, reference", [
@@ -97,9 +98,9 @@ def test_spellings_of_one_server_are_one_server_in_the_configuration(policy, ref
     ("http://box-a:8000", "http://box-b:8000"),
 ])
 def test_different_servers_pass_the_configuration(policy, reference):
-    cfg = load_run_config(None, [*SERVER, f"rollout.vllm_server_url={policy}",
-                                 f"rollout.vllm_reference_url={reference}"])
-    assert cfg.rollout.vllm_reference_url == reference
+    cfg = load_run_config(None, [*SERVER, f"vllm.server_url={policy}",
+                                 f"vllm.reference_url={reference}"])
+    assert cfg.vllm.reference_url == reference
 
 
 # --------------------------------------------------------------------------- server mode, faked at the VLLMClient
@@ -216,9 +217,8 @@ def _server_engines(policy_url, reference_url):
 
     from aapo_app.vllm_engine import build_engines
 
-    r = SimpleNamespace(vllm_mode="server", vllm_server_url=policy_url, vllm_reference_url=reference_url,
-                        vllm_timeout_s=1.0)
-    return build_engines(r, "unused", rank=0, seed=0, reference=True, max_num_seqs=8, max_model_len=64)
+    v = SimpleNamespace(mode="server", server_url=policy_url, reference_url=reference_url, timeout_s=1.0)
+    return build_engines(v, "unused", None, [2], rank=0, seed=0, reference=True, max_num_seqs=8, max_model_len=64)
 
 
 @pytest.fixture
@@ -273,7 +273,7 @@ def test_two_spellings_of_one_server_are_refused_at_start(fake_servers, resolvin
     from aapo_app.vllm_engine import VLLMWeightsError
 
     fake_servers[8000] = FakeServer(_tiny_lm(tiny_model_dir))
-    with pytest.raises(VLLMWeightsError, match="rollout.vllm_reference_url reaches the policy's server"):
+    with pytest.raises(VLLMWeightsError, match="vllm.reference_url reaches the policy's server"):
         _server_engines(policy, reference)
     assert fake_servers[8000].requests == []  # refused by address, before any probe
 
@@ -303,7 +303,7 @@ def test_a_reference_url_forwarded_to_the_policy_server_is_refused_at_the_first_
 
     fake_servers[8000] = fake_servers[8001] = FakeServer(_tiny_lm(tiny_model_dir))
     policy, reference = _server_engines("http://localhost:8000", "http://localhost:8001")
-    with pytest.raises(VLLMWeightsError, match="rollout.vllm_reference_url: the reference server's log-probs changed"):
+    with pytest.raises(VLLMWeightsError, match="vllm.reference_url: the reference server's log-probs changed"):
         push_weights_checked(_trainer_module(tiny_model_dir), policy, reference)
 
 
@@ -349,21 +349,19 @@ def test_a_policy_server_that_ignores_pushes_is_refused(fake_servers, tiny_model
 def test_weights_are_pushed_only_when_the_trainer_changed_them():
     sync = WeightSync(sleep_level=1)
     assert not sync.needs_push()  # both start from the checkpoint
-    sync.optimizer_step(applied=True)
+    sync.changed()
     assert sync.needs_push()
     sync.did_push()
     assert not sync.needs_push()
     sync.fell_asleep()  # level 1 keeps the weights in CPU memory: nothing to push on waking
     sync.woke()
     assert not sync.needs_push()
-    sync.optimizer_step(applied=False)  # DeepSpeed skipped a non-finite step: the weights did not move
-    assert not sync.needs_push()
-    sync.optimizer_step(applied=True)
-    sync.optimizer_step(applied=True)  # two steps between rollouts (e.g. an evaluation did not happen): one push
+    sync.changed()
+    sync.changed()  # two steps between rollouts (e.g. an evaluation did not happen): one push
     assert sync.needs_push()
     sync.did_push()
     assert (sync.version, sync.pushed, sync.pushes) == (3, 3, 2)
-    sync.weights_replaced()  # --resume loaded a checkpoint into the trainer
+    sync.changed()  # --resume loaded a checkpoint into the trainer
     assert sync.needs_push()
 
 
@@ -378,10 +376,16 @@ def test_a_level_two_sleep_always_pushes_on_waking():
     assert sync.needs_push()
 
 
-def test_the_trainer_counts_the_weight_changes_a_vllm_engine_would_need(tiny_model_dir, tmp_path):
-    """The schedule is kept on every backend: two applied optimizer steps are two versions."""
-    trainer = train_run(load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "run")))
-    assert trainer.weight_sync.version == 2 and trainer.vllm is None
+def test_the_trainer_tells_its_generator_of_every_weight_change(tiny_model_dir, tmp_path, monkeypatch):
+    """Every backend hears of every change: two applied optimizer steps are two changes (a vLLM
+    engine following the trainer would take them at its next session; the DeepSpeed generator
+    shares the weights and ignores them)."""
+    from aapo_app.generation import DeepSpeedGenerator
+
+    calls = []
+    monkeypatch.setattr(DeepSpeedGenerator, "weights_changed", lambda self: calls.append(self.source))
+    train_run(load_run_config(None, tiny_overrides(tiny_model_dir, tmp_path / "run")))
+    assert calls == ["deepspeed-policy"] * 2
 
 
 # --------------------------------------------------------------------------- vLLM's completions
@@ -407,7 +411,7 @@ def test_completions_become_the_same_samples_the_deepspeed_sampler_builds():
     prompt_ids = torch.tensor([[0, 11, 12], [13, 14, 15]])  # left-padded
     prompt_mask = prompt_ids != 0
     rows = completion_rows([[5, 2], [5, 6, 8], [9], [4, 4, 4]], [2], max_new_tokens=3)
-    s = to_samples(_Tok(), prompt_ids, prompt_mask, rows, num_samples=2, eos_ids=[2], max_new_tokens=3)
+    s = samples_from_rows(_Tok(), prompt_ids, prompt_mask, rows, num_samples=2, eos_ids=[2], max_new_tokens=3)
     assert s.sequences.tolist() == [[0, 11, 12, 5, 2, 0], [0, 11, 12, 5, 6, 8],
                                     [13, 14, 15, 9, 2, 0], [13, 14, 15, 4, 4, 4]]
     assert s.lengths.tolist() == [2, 3, 2, 3]  # EOS counted
@@ -439,7 +443,7 @@ def test_training_with_colocated_vllm_rollouts(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run([sys.executable, "-m", "aapo_app", "train",
          *tiny_overrides(tiny_model_dir, out, "algorithm.name=aapo", "rollout.backend=vllm",
-                         "rollout.vllm_gpu_memory_utilization=0.2", "rewards.plugins=[plugin_rewards]")],
+                         "vllm.gpu_memory_utilization=0.2", "rewards.plugins=[plugin_rewards]")],
         DS_ACCELERATOR="cuda")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and 0.0 <= summary["eval_after"] <= 1.0

@@ -1,0 +1,254 @@
+"""Setting up a run, in one place for every command (``aapo train``, ``aapo eval``,
+``aapo check-config``, ``aapo reference-rollouts``).
+
+The order is always the same:
+
+1. :func:`plan_run`: everything user input can get wrong, checked before the process group starts
+   and before any (slow) engine exists: the DeepSpeed configs filled for the world size, the
+   algorithm, the model path, the backends this machine must offer, the data and its prompt count.
+   ``aapo check-config`` stops here (for any world size, without a GPU).
+2. :func:`open_model`: the model resolved rank 0 first (a GGUF is converted once), its tokenizer,
+   context length and EOS tokens. :func:`check_prompt_lengths` then measures the rendered prompts.
+3. The engines and generators: :func:`build_training` (policy, reference, the rollout generators
+   and the reference cache), :func:`eval_generator`, :func:`reference_rollout_generator`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from aapo_app.errors import AapoError
+
+
+@dataclass
+class Plan:
+    """A checked run configuration, ready to build (see :func:`plan_run`)."""
+
+    cfg: object  # RunConfig
+    algorithm: object
+    ds_policy: dict
+    ds_ref: dict
+    train_examples: list
+    eval_examples: list
+    world: int
+    notes: list[str] = field(default_factory=list)  # checks that could not run here (check-config)
+
+
+def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None, *, world: int | None = None,
+             here: bool = True) -> Plan:
+    """Check a run configuration for ``world`` ranks (default: the launcher's). ``here=False``
+    (check-config for a cluster): checks that depend on this machine (CUDA, vLLM installed) become
+    notes instead of errors."""
+    from aapo_app.algorithms import build_algorithm
+    from aapo_app.data import load_examples
+    from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
+    from aapo_app.engine import launched_world_size
+    from aapo_app.models import resolve_model_path
+
+    world = launched_world_size() if world is None else world
+    if world < 1:
+        raise AapoError(f"--world-size must be >= 1 (got {world})")
+    ds_policy = fill_ds_config(read_ds_config(ds_config, DEFAULT_POLICY_CONFIG), cfg, world)
+    ds_ref = fill_ds_config(read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config"), cfg,
+                            world, training=False)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    resolve_model_path(cfg.model.path, convert=False)
+    notes = _check_machine(cfg, algorithm, here)
+    train, held_out = load_examples(cfg.data, cfg.train.seed)
+    per_step = cfg.rollout.prompts_per_rank * world
+    if len(train) < per_step:
+        raise AapoError(f"data: {len(train)} training prompts but a step takes {per_step} "
+                        f"(rollout.prompts_per_rank x {world} ranks); add data or lower rollout.prompts_per_rank")
+    return Plan(cfg, algorithm, ds_policy, ds_ref, train, held_out, world, notes)
+
+
+def _check_machine(cfg, algorithm, here: bool) -> list[str]:
+    """The backends' needs: the configuration's own checks always, this machine's only ``here``."""
+    from aapo_app.engine import check_hybrid_engine
+    from aapo_app.vllm_engine import check_vllm_config, check_vllm_machine
+
+    machine = []
+    if cfg.rollout.deepspeed_hybrid_engine:
+        machine.append(check_hybrid_engine)
+    if cfg.rollout.backend == "vllm":
+        check_vllm_config(cfg, algorithm)
+        machine.append(lambda: check_vllm_machine(cfg.vllm))
+    notes = []
+    for check in machine:
+        try:
+            check()
+        except AapoError as exc:
+            if here:
+                raise
+            notes.append(f"not on this machine (needed where it runs): {exc}")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class ModelFiles:
+    """A resolved model: the directory ``from_pretrained`` reads, its tokenizer, its context length
+    and the tokens that end a completion (the tokenizer's EOS and the generation config's)."""
+
+    path: str
+    tokenizer: object
+    max_positions: int | None
+    eos_ids: list[int]
+
+
+def open_model(spec: str, rank: int) -> ModelFiles:
+    """Resolve ``spec`` on every rank, rank 0 first, and read what every command needs. Collective."""
+    from transformers import AutoConfig
+
+    from aapo_app.generation import checkpoint_eos_ids
+    from aapo_app.models import load_tokenizer, resolve_model_path_rank0_first
+
+    path = resolve_model_path_rank0_first(spec, rank)
+    tokenizer = load_tokenizer(path)
+    max_positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    return ModelFiles(path, tokenizer, max_positions, checkpoint_eos_ids(tokenizer, path))
+
+
+LENGTH_SAMPLE = 512  # training prompts measured (plus every held-out prompt)
+
+
+def check_prompt_lengths(tokenizer, max_positions: int | None, cfg, train, held_out) -> int:
+    """The longest rendered prompt in tokens (every held-out prompt and the first training ones);
+    an error if it plus ``rollout.max_new_tokens`` (or ``train.eval_max_new_tokens``) exceeds the
+    model's context."""
+    from aapo_app.data import PromptStyle
+
+    style = PromptStyle(tokenizer, cfg.data)
+    prompts = [style.render(ex.problem) for ex in list(held_out) + list(train[:LENGTH_SAMPLE])]
+    if not prompts:
+        return 0
+    longest = max(style.lengths(prompts))
+    if max_positions:
+        for key, new in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                         ("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens)):
+            if longest + new > max_positions:
+                raise AapoError(f"{key}={new} plus the longest prompt ({longest} tokens) exceeds the model's context "
+                                f"of {max_positions} positions; lower {key} to at most {max(max_positions - longest, 0)} "
+                                f"or use shorter prompts")
+    return longest
+
+
+# ---------------------------------------------------------------------------------------------
+# engines and generators
+
+
+def deepspeed_generator(model, files: ModelFiles, rollout, role: str = "policy"):
+    from aapo_app.generation import DeepSpeedGenerator
+
+    return DeepSpeedGenerator(model, files.tokenizer, files.eos_ids, sampler=rollout.sampler,
+                              chunk=rollout.generation_batch_size, role=role)
+
+
+def reference_model(files: ModelFiles, ds: dict, gather: str = "full"):
+    """The frozen reference: a ZeRO inference engine of the base weights (no optimizer)."""
+    from aapo_app.engine import ZeroModel
+    from aapo_app.models import load_causal_lm
+
+    return ZeroModel(load_causal_lm(files.path, ds_config=ds), ds, trainable=False, gather=gather)
+
+
+@dataclass
+class TrainingParts:
+    """What ``aapo train`` runs on: the engines, the generators of the two groups and the cache."""
+
+    policy: object  # ZeroModel (trainable)
+    reference: object | None  # ZeroModel of the frozen reference, when something needs it
+    generator: object  # Generator of the policy group and the held-out evaluation
+    reference_generator: object | None  # Generator of the reference group (None: cached or unused)
+    reference_cache: object | None
+
+
+def build_training(plan: Plan, files: ModelFiles, rank: int, max_model_len: int) -> TrainingParts:
+    """The policy engine, the frozen reference where the algorithm needs one (reference samples not
+    read from a cache, or KL log-probs), and the generators: the DeepSpeed engines' generation
+    mode, or vLLM engines (``rollout.backend=vllm``) that follow the policy's weights. Collective."""
+    from aapo_app.ds_config import lr_schedule
+    from aapo_app.engine import ZeroModel, on_rank0
+    from aapo_app.models import load_causal_lm
+
+    cfg, algorithm = plan.cfg, plan.algorithm
+    cache = None
+    if cfg.rollout.reference_cache and algorithm.uses_reference_samples:
+        from aapo_app.reference_cache import ReferenceCache, fingerprint_components
+
+        # rank 0 hashes the weights for the fingerprint; the other ranks need not read them again
+        components = on_rank0(lambda: fingerprint_components(cfg, files.path, files.tokenizer))
+        cache = ReferenceCache(cfg.rollout.reference_cache, components, files.tokenizer.pad_token_id)
+    elif cfg.rollout.reference_cache:
+        plan.notes.append(f"rollout.reference_cache is ignored: {cfg.algorithm.name} samples no reference group")
+
+    ds = plan.ds_policy
+    policy = ZeroModel(load_causal_lm(files.path, ds_config=ds), ds, trainable=True, gather=cfg.rollout.gather,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                       learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                       hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
+                       max_out_tokens=cfg.rollout.max_new_tokens + 1024,
+                       lr_schedule=None if "scheduler" in ds else lr_schedule(cfg))
+    samples_online = algorithm.uses_reference_samples and cache is None
+    vllm = cfg.rollout.backend == "vllm"
+    reference = None
+    if algorithm.uses_reference_logprobs or (samples_online and not vllm):
+        reference = reference_model(files, plan.ds_ref, cfg.rollout.gather)
+    if not vllm:
+        generator = deepspeed_generator(policy, files, cfg.rollout)
+        ref_generator = deepspeed_generator(reference, files, cfg.rollout, "reference") if samples_online else None
+        return TrainingParts(policy, reference, generator, ref_generator, cache)
+
+    from aapo_app.rollout import stream_seed
+    from aapo_app.vllm_engine import build_engines
+
+    r = cfg.rollout
+    generator, ref_generator = build_engines(
+        cfg.vllm, files.path, files.tokenizer, files.eos_ids, rank=rank,
+        seed=stream_seed(cfg.train.seed, "vllm", rank), reference=samples_online,
+        max_num_seqs=cfg.vllm.max_num_seqs or r.prompts_per_rank * r.group_size, max_model_len=max_model_len)
+    # building an engine reseeds python, numpy and torch: put the run's seeds back
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    generator.follow(policy.module, ref_generator)
+    return TrainingParts(policy, reference, generator, ref_generator, cache)
+
+
+def eval_generator(backend: str, files: ModelFiles, ds_config: dict, *, seed: int, sampler: str = "aapo"):
+    """``aapo eval``'s generator: a ZeRO-3 inference engine's generation mode (``hf``, the training
+    rollouts' code path) or a vLLM engine on this rank's GPU (``vllm``; one seeded request per
+    completion, so samples do not depend on batching)."""
+    from types import SimpleNamespace
+
+    if backend == "vllm":
+        from aapo_app.vllm_engine import ColocatedVLLM
+
+        return ColocatedVLLM(files.path, files.tokenizer, files.eos_ids, seed=seed, sleep_level=0,
+                             gpu_memory_utilization=0.85, max_model_len=None, max_num_seqs=256, role="evaluation")
+    model = reference_model(files, ds_config)
+    return deepspeed_generator(model, files, SimpleNamespace(sampler=sampler, generation_batch_size=0), "evaluation")
+
+
+def reference_rollout_generator(cfg, files: ModelFiles, ds: dict, rank: int, per_batch: int):
+    """The generator ``aapo reference-rollouts`` samples a cache with: the DeepSpeed reference
+    engine, one colocated vLLM engine per rank, or the reference server (never the policy's:
+    :func:`aapo_app.reference_cache.check_server_source`)."""
+    from aapo_app.rollout import stream_seed
+    from aapo_app.vllm_engine import ColocatedVLLM, ServerVLLM
+
+    r, v = cfg.rollout, cfg.vllm
+    if r.backend != "vllm":
+        return deepspeed_generator(reference_model(files, ds, r.gather), files, r, "reference")
+    if v.mode == "server":
+        return ServerVLLM(v.reference_url, files.tokenizer, files.eos_ids, push=False, rank=rank,
+                          timeout_s=v.timeout_s, role="reference")
+    return ColocatedVLLM(files.path, files.tokenizer, files.eos_ids,
+                         seed=stream_seed(cfg.train.seed, "vllm-reference", rank), sleep_level=0,
+                         gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=None,
+                         max_num_seqs=v.max_num_seqs or per_batch * r.group_size, dtype=v.dtype, role="reference")
