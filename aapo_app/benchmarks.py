@@ -147,6 +147,9 @@ def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = N
     """The problems of one benchmark, in file order, gold answers normalised (first ``limit`` only)."""
     b = BENCHMARKS[name]
     rows = _load_rows(b, data_dir)
+    if not rows:  # an average over no problems is NaN, and would poison the benchmark mean
+        where = f"its file under --data-dir '{data_dir}'" if data_dir else f"{b.hub_id} on the hub"
+        raise AapoError(f"{name}: {where} holds no problems; fix the file or leave {name} out of --benchmarks")
     if limit:
         rows = rows[:limit]
     problems = []

@@ -62,7 +62,22 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
     if len(train) < per_step:
         raise AapoError(f"data: {len(train)} training prompts but a step takes {per_step} "
                         f"(rollout.prompts_per_rank x {world} ranks); add data or lower rollout.prompts_per_rank")
+    notes += conflicting_duplicates(list(train) + list(held_out))
     return Plan(cfg, algorithm, ds_policy, ds_ref, train, held_out, world, notes)
+
+
+def conflicting_duplicates(examples) -> list[str]:
+    """A note when one problem text appears with different gold answers (kept as they are: which
+    answer is right is the data's owner's call, and rewards then disagree for that problem)."""
+    answers: dict[str, set] = {}
+    for ex in examples:
+        answers.setdefault(ex.problem.strip(), set()).add(str(ex.answer).strip())
+    conflicts = [p for p, a in answers.items() if len(a) > 1]
+    if not conflicts:
+        return []
+    return [f"data: {len(conflicts)} problem(s) appear more than once with different answers (e.g. "
+            f"{conflicts[0][:40]!r}... with {sorted(answers[conflicts[0]])[:3]}); they are kept as they are, so the "
+            f"same completion is graded differently: deduplicate the data to avoid it"]
 
 
 def _check_machine(cfg, algorithm, here: bool) -> list[str]:
@@ -115,27 +130,32 @@ def open_model(spec: str, rank: int) -> ModelFiles:
     return ModelFiles(path, tokenizer, max_positions, checkpoint_eos_ids(tokenizer, path))
 
 
-LENGTH_SAMPLE = 512  # training prompts measured (plus every held-out prompt)
-
-
 def check_prompt_lengths(tokenizer, max_positions: int | None, cfg, train, held_out) -> int:
-    """The longest rendered prompt in tokens (every held-out prompt and the first training ones);
-    an error if it plus ``rollout.max_new_tokens`` (or ``train.eval_max_new_tokens``) exceeds the
-    model's context."""
+    """The longest rendered prompt in tokens, measured over every training and held-out prompt; one
+    line naming the longest prompt (which set, which position) if it plus ``rollout.max_new_tokens``
+    (or ``train.eval_max_new_tokens``) exceeds the model's context."""
     from aapo_app.data import PromptStyle
 
     style = PromptStyle(tokenizer, cfg.data)
-    prompts = [style.render(ex.problem) for ex in list(held_out) + list(train[:LENGTH_SAMPLE])]
-    if not prompts:
+    sets = {"training": list(train), "held-out": list(held_out)}
+    measured = {name: style.lengths([style.render(ex.problem) for ex in examples]) for name, examples in sets.items()}
+    if not any(measured.values()):
         return 0
-    longest = max(style.lengths(prompts))
+    longest = max(max(lengths, default=0) for lengths in measured.values())
     if max_positions:
-        for key, new in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-                         ("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens)):
-            if longest + new > max_positions:
-                raise AapoError(f"{key}={new} plus the longest prompt ({longest} tokens) exceeds the model's context "
-                                f"of {max_positions} positions; lower {key} to at most {max(max_positions - longest, 0)} "
-                                f"or use shorter prompts")
+        keys = {"training": ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                "held-out": ("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens)}
+        for name, lengths in measured.items():
+            key, new = keys[name]
+            over = [i for i, n in enumerate(lengths) if n + new > max_positions]
+            if not over:
+                continue
+            worst = max(over, key=lambda i: lengths[i])
+            raise AapoError(f"{key}={new}: with it {len(over)} {name} prompt(s) exceed the model's context of "
+                            f"{max_positions} positions (the longest, id {sets[name][worst].id!r}, has "
+                            f"{lengths[worst]} tokens); "
+                            f"remove prompts longer than {max(max_positions - new, 0)} tokens or lower {key} to at most "
+                            f"{max(max_positions - lengths[worst], 0)}")
     return longest
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from aapo_app.errors import AapoError
 
+
 def _deepspeed_accepts(ds: dict, world: int, option: str) -> None:
     import importlib
 

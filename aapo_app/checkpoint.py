@@ -64,13 +64,110 @@ def select_steps(found: dict[int, Path], step: str | None, run_dir: str, allow_a
     return [int(step)]
 
 
-def resumable(step_dir: Path) -> bool:
-    return (step_dir / STATE_FILE).is_file() and (step_dir / "deepspeed").is_dir()
+def step_of(step_dir: Path) -> int:
+    return int(Path(step_dir).name[len("step-"):])
+
+
+def _zip_damage(path: Path) -> str | None:
+    """What is wrong with a file ``torch.save`` wrote (a zip archive), or None. Opening the archive
+    reads its central directory, at the end of the file: a truncated or empty file has none."""
+    import zipfile
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path) as z:
+            end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+    except (zipfile.BadZipFile, OSError):
+        return f"{path.name} is truncated or not a torch file"
+    return f"{path.name} is truncated" if end > path.stat().st_size else None
+
+
+def weights_damage(model_dir: Path) -> str | None:
+    """What is wrong with a Hugging Face directory's safetensors weights, or None: every file's
+    header must parse and the file must be as long as the tensors it declares."""
+    import struct
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{index.name} is not a readable index"
+    else:
+        files = [p.name for p in model_dir.glob("*.safetensors")]
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (OSError, ValueError, struct.error):
+            header = None
+        if not isinstance(header, dict):
+            return f"{name} is truncated (its header is incomplete)"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            return f"{name} is truncated ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def _zero_stage(run_dir: Path) -> int:
+    """The ZeRO stage the run recorded (each rank then saves its own optimizer states); 3 if unknown."""
+    try:
+        return int(json.loads((Path(run_dir) / "ds_config.json").read_text())["zero_optimization"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 3
+
+
+def checkpoint_damage(step_dir: Path) -> str | None:
+    """What makes checkpoint ``step_dir`` unusable for a resume, or None: its trainer state, its
+    Hugging Face weights, every rank's DeepSpeed files and RNG state are present and complete.
+    The checks read file headers and zip directories, not the tensors, so they are fast."""
+    step_dir = Path(step_dir)
+    try:
+        state = json.loads((step_dir / STATE_FILE).read_text())
+        world = int(state["world_size"])
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is not readable"
+    damage = weights_damage(step_dir)
+    if damage:
+        return damage
+    ds = step_dir / "deepspeed" / "state"
+    optim = sorted(ds.glob("*optim_states.pt"))
+    if not ds.is_dir() or not any(ds.glob("*model_states.pt")):
+        return "deepspeed/state holds no model states"
+    if _zero_stage(step_dir.parent.parent) > 0 and len(optim) != world:
+        return f"deepspeed/state holds {len(optim)} optimizer-state files for {world} ranks"
+    for path in sorted(ds.glob("*.pt")):
+        damage = _zip_damage(path)
+        if damage:
+            return f"deepspeed/state/{damage}"
+    for r in range(world):
+        damage = _zip_damage(step_dir / "ranks" / f"rank{r}.pt")
+        if damage:
+            return f"ranks/{damage}"
+    return None
+
+
+def _damaged_message(step_dir: Path, damage: str) -> str:
+    earlier = [d for s, d in sorted(checkpoint_dirs(step_dir.parent.parent).items(), reverse=True)
+               if s < step_of(step_dir) and checkpoint_damage(d) is None]
+    way = (f"{earlier[0].name} is intact: resume from it with --resume {earlier[0]}" if earlier
+           else "no earlier checkpoint is intact; start the run again")
+    return f"--resume: checkpoint {step_dir} is damaged ({damage}); {way}"
 
 
 def find_resume_checkpoint(spec: str, output_dir: str | None) -> Path:
-    """``--resume latest`` (the newest resumable checkpoint of ``--output-dir``), a run directory
-    (its newest), or one ``checkpoints/step-N`` directory."""
+    """``--resume latest`` (the run's newest checkpoint), a run directory (its newest), or one
+    ``checkpoints/step-N`` directory. The newest is taken even when it is incomplete:
+    :func:`verify_checkpoint` then says so, rather than an older one being used silently."""
     if spec == "latest":
         if not output_dir:
             raise AapoError("--resume latest needs --output-dir RUN_DIR (the run to continue)")
@@ -81,15 +178,55 @@ def find_resume_checkpoint(spec: str, output_dir: str | None) -> Path:
         raise AapoError(f"--resume: '{root}' is not a directory; give a run directory or one of its "
                         f"checkpoints/step-N")
     if root.name.startswith("step-") and root.parent.name == "checkpoints":
-        if not resumable(root):
-            raise AapoError(f"--resume: '{root}' is not a complete checkpoint (no {STATE_FILE} or deepspeed/); "
-                            f"choose another step")
-        return root
-    steps = {s: d for s, d in checkpoint_dirs(root).items() if resumable(d)}
-    if not steps:
-        raise AapoError(f"--resume: '{root}' has no resumable checkpoint (checkpoints/step-N with {STATE_FILE}); "
-                        f"the run must have saved one (train.save_every, or the end of training)")
-    return steps[max(steps)]
+        step_dir = root
+    else:
+        steps = checkpoint_dirs(root)
+        if not steps:
+            raise AapoError(f"--resume: '{root}' has no checkpoint (checkpoints/step-N); the run must have saved one "
+                            f"(train.save_every, or the end of training); start it again with --overwrite")
+        step_dir = steps[max(steps)]
+    return step_dir
+
+
+def verify_checkpoint(step_dir: Path) -> None:
+    """One line naming what is damaged in ``step_dir`` and the newest intact earlier checkpoint."""
+    damage = checkpoint_damage(step_dir)
+    if damage:
+        raise AapoError(_damaged_message(Path(step_dir), damage))
+
+
+RECORDED_DS_CONFIGS = {"--ds-config": "ds_config.json", "--ref-ds-config": "ds_config_reference.json"}
+
+
+def recorded_ds_config(run_dir: Path, option: str) -> str | None:
+    """The DeepSpeed config a run recorded at its start for ``option`` (None for runs that predate it)."""
+    path = Path(run_dir) / RECORDED_DS_CONFIGS[option]
+    return str(path) if path.is_file() else None
+
+
+def _differences(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix[:-1], old, new
+
+
+def check_same_ds_configs(run_dir: Path, configs: dict[str, dict]) -> None:
+    """A resumed run must use the DeepSpeed configs it was trained with (a ZeRO-2 or bf16 config
+    cannot load a ZeRO-3 fp32 checkpoint, and a silently different one would not be the run's):
+    one line naming the first key that differs."""
+    for option, resolved in configs.items():
+        recorded = recorded_ds_config(run_dir, option)
+        if recorded is None:
+            continue
+        try:
+            old = json.loads(Path(recorded).read_text())
+        except (OSError, ValueError):
+            continue
+        for key, was, now in _differences(old, resolved):
+            raise AapoError(f"{option}: the run was trained with {key}={was!r} (its {Path(recorded).name}) but this "
+                            f"command gives {now!r}; resume without {option} to use the run's own")
 
 
 def read_state(step_dir: Path) -> dict:
@@ -145,6 +282,16 @@ def checkpoint_bytes(model_numel: int, param_bytes: int, world: int) -> int:
     return model_numel * (param_bytes + 12) + 64 * 2**20 * world
 
 
+def _failure_text(exc: BaseException, run_dir: Path) -> str:
+    lines = str(exc).strip().splitlines()
+    text = getattr(exc, "strerror", None) or (lines[0][:160] if lines else type(exc).__name__)
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return text
+    return f"{text}; {free / 2**20:.0f} MiB free on the disk"
+
+
 class Checkpointer:
     """Saving and restoring one run's checkpoints (the layout in the module docstring). Every method
     is collective: all ranks call it."""
@@ -152,15 +299,27 @@ class Checkpointer:
     def __init__(self, run_dir: Path, rank: int, world: int, keep: int):
         self.run_dir, self.rank, self.world, self.keep = Path(run_dir), rank, world, keep
 
-    def check_disk_space(self, policy) -> None:
-        """Refuse to start when one checkpoint would not fit on the run directory's disk."""
+    def check_disk_space(self, policy, saves: int) -> None:
+        """Refuse to start when the disk cannot hold the checkpoints this run will keep at once: before
+        a save the oldest are pruned to ``keep - 1`` (at least 1), so ``keep`` (at least 2) exist
+        while it is written; ``saves`` is how many this run will make."""
+        if saves <= 0:
+            return
+        existing = len(checkpoint_dirs(self.run_dir))
+        if self.keep > 0:
+            peak = min(existing + saves - 1, max(self.keep - 1, 1)) + 1
+        else:
+            peak = existing + saves
+        if peak <= existing:
+            return
         numel = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters())
-        need = checkpoint_bytes(numel, 4, self.world)
-        free = shutil.disk_usage(self.run_dir).free
+        one = checkpoint_bytes(numel, 4, self.world)
+        need, free = (peak - existing) * one, shutil.disk_usage(self.run_dir).free
         if free < need:
-            raise AapoError(f"--output-dir: {free / 2**30:.1f} GiB free on the run directory's disk, one checkpoint needs "
-                            f"about {need / 2**30:.1f} GiB; free space, choose another --output-dir, or set "
-                            f"train.save_final=false train.save_every=0")
+            raise AapoError(f"--output-dir: {free / 2**30:.1f} GiB free on the run directory's disk; this run needs "
+                            f"about {need / 2**30:.1f} GiB for {peak - existing} more checkpoint(s) of "
+                            f"{one / 2**30:.1f} GiB; free space, choose another --output-dir, lower "
+                            f"train.keep_checkpoints, or set train.save_final=false train.save_every=0")
 
     def save(self, step: int, policy, tokenizer, sampler, state: dict) -> Path:
         """Save everything a resume needs as ``checkpoints/step-<step>``: written under ``.tmp`` and
@@ -173,6 +332,8 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save that was killed
+            if self.keep > 0:  # make room first: keep - 1 (at least 1) old ones beside the new one
+                prune(self.run_dir, max(self.keep - 1, 1))
             tmp.mkdir(parents=True, exist_ok=True)
         barrier()
         failure = ""
@@ -184,8 +345,8 @@ class Checkpointer:
             if self.rank == 0:
                 full = {"step": step, "world_size": self.world, **state}
                 (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
-        except OSError as exc:
-            failure = f"{exc.strerror or exc}"
+        except Exception as exc:  # noqa: BLE001 - a full disk raises OSError, RuntimeError (torch.save) or Exception (tokenizers)
+            failure = _failure_text(exc, self.run_dir)
         failures = failure if self.world == 1 else self._gather_failure(failure)
         if failures:
             if self.rank == 0:

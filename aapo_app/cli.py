@@ -51,12 +51,15 @@ def main() -> None:
                    "by itself without an API key or network.")
 @click.option("--resume", default=None, metavar="latest|DIR",
               help="Continue a run from a checkpoint: latest (the newest in --output-dir), a run directory, or "
-                   "one of its checkpoints/step-N. The run's config is reused; only train.max_steps may change.")
+                   "one of its checkpoints/step-N. The run's config and DeepSpeed configs are reused; only "
+                   "train.max_steps may change. Checkpoints newer than the one resumed from are moved aside.")
+@click.option("--overwrite", is_flag=True,
+              help="Start again in an --output-dir that already holds a run, deleting it (its checkpoints too).")
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True,
               help="Set by the deepspeed launcher; the rank is read from the environment.")
 @click.argument("overrides", nargs=-1)
 def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, help_config, report_to, resume,
-          local_rank, overrides):
+          overwrite, local_rank, overrides):
     """Train with AAPO (or a baseline) on a DeepSpeed engine.
 
     OVERRIDES are KEY=VALUE pairs on top of the config file, e.g. algorithm.name=grpo
@@ -86,12 +89,20 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
     try:
         resume_from = None
         if resume is not None:
+            if overwrite:
+                raise AapoError("--overwrite starts a run again and --resume continues it; give one of them")
+            from aapo_app.checkpoint import recorded_ds_config
+
             cfg, resume_from = _resume_config(resume, output_dir, config_path, extra)
+            run_dir = resume_from.parent.parent
+            ds_config = ds_config or recorded_ds_config(run_dir, "--ds-config")
+            ref_ds_config = ref_ds_config or recorded_ds_config(run_dir, "--ref-ds-config")
         else:
             cfg = load_run_config(config_path, extra)
         from aapo_app.trainer import Trainer
 
-        trainer = Trainer(cfg, ds_config=ds_config, ref_ds_config=ref_ds_config, resume_from=resume_from)
+        trainer = Trainer(cfg, ds_config=ds_config, ref_ds_config=ref_ds_config, resume_from=resume_from,
+                          overwrite=overwrite)
         _install_stop_handlers(trainer)
         summary = trainer.train()
     except AapoError as exc:
@@ -99,13 +110,19 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
     finally:
         if trainer is not None:
             trainer.close()
-    if summary["stopped_early"]:
+    if summary["stopped_early"] or trainer.stop_signal:
+        # a signal always ends in 128 + its number, also when it came during the last step or the final
+        # evaluation (the run is then complete): schedulers read the exit status to tell a stop from a finish
         import signal as _signal
 
         if trainer.rank == 0:
             name = _signal.Signals(trainer.stop_signal).name if trainer.stop_signal else "a signal"
-            click.echo(f"stopped by {name} after step {summary['steps']}; checkpoint: {summary['checkpoint']}")
-            click.echo(f"resume with: aapo train --resume latest --output-dir {summary['output_dir']}")
+            if summary["stopped_early"]:
+                click.echo(f"stopped by {name} after step {summary['steps']}; checkpoint: {summary['checkpoint']}")
+                click.echo(f"resume with: aapo train --resume latest --output-dir {summary['output_dir']}")
+            else:
+                click.echo(f"{name} came during the last step; the run is complete (all {summary['steps']} steps), "
+                           f"checkpoint: {summary['checkpoint']}")
         sys.exit(128 + (trainer.stop_signal or 15))
     if trainer.rank == 0:
         click.echo(
@@ -133,14 +150,18 @@ def _resume_config(resume, output_dir, config_path, extra):
     train.max_steps; and the checkpoint directory to resume from."""
     from pathlib import Path
 
-    from aapo_app.checkpoint import find_resume_checkpoint, read_state
+    from aapo_app.checkpoint import find_resume_checkpoint, read_state, verify_checkpoint
     from aapo_app.config import load_run_config
 
     step_dir = find_resume_checkpoint(resume, output_dir)
     run_dir = step_dir.parent.parent
     if output_dir is not None and Path(output_dir).resolve() != run_dir.resolve():
         raise AapoError(f"--output-dir '{output_dir}' is not the run being resumed ('{run_dir}'); drop it or make them match")
-    saved = read_state(step_dir)
+    try:
+        saved = read_state(step_dir)
+    except AapoError:
+        verify_checkpoint(step_dir)  # names the damage and the newest intact earlier checkpoint
+        raise
     if not isinstance(saved.get("config"), dict) or "step" not in saved:
         raise AapoError(f"--resume: {step_dir / 'trainer_state.json'} lacks the run's config or step; the checkpoint is "
                         f"damaged, resume from an earlier one")
@@ -156,6 +177,7 @@ def _resume_config(resume, output_dir, config_path, extra):
     if cfg.train.max_steps <= saved["step"]:
         raise AapoError(f"train.max_steps={cfg.train.max_steps} but the checkpoint is already at step {saved['step']}; "
                         f"raise train.max_steps to continue")
+    verify_checkpoint(step_dir)
     return cfg, step_dir
 
 
@@ -273,6 +295,13 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, flags, k_te
     specs = E.run_checkpoints(run_dir, step) if run_dir else [
         E.ModelSpec(Path(m.rstrip("/")).name or m, m) for m in (models or (EMBEDDED_DEFAULT,))]
     for spec in specs:
+        if run_dir:
+            from aapo_app.checkpoint import weights_damage
+
+            damage = weights_damage(Path(spec.path))
+            if damage:
+                raise AapoError(f"--run: the weights of checkpoint {spec.path} are damaged ({damage}); evaluate "
+                                f"another --step (or export it again from its DeepSpeed state with aapo export)")
         resolve_model_path(spec.path, convert=False)
     if settings.backend == "vllm":
         from aapo_app.vllm_engine import check_vllm_machine
@@ -309,12 +338,17 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, flags, k_te
 
     start = time.perf_counter()
     results, records = {}, []
-    for spec in specs:
-        rows = E.evaluate_model(spec, problems, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
-                                log=lambda m: click.echo(m, err=True), journal_dir=out / "partial", resume=resume)
-        if rank == 0:
-            results[spec.label] = E.summarize(rows, names, settings.k)
-            records += rows
+    try:
+        for spec in specs:
+            rows = E.evaluate_model(spec, problems, settings, data_dir=data_dir, ds_config=ds, rank=rank, world=world,
+                                    log=lambda m: click.echo(m, err=True), journal_dir=out / "partial", resume=resume)
+            if rank == 0:
+                results[spec.label] = E.summarize(rows, names, settings.k)
+                records += rows
+    except BaseException:
+        if rank == 0 and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an evaluation that failed before its first batch leaves nothing behind
+        raise
     if rank != 0:
         return
     paths = E.write_results(out, specs, names, settings, data_dir, results, records, time.perf_counter() - start)

@@ -109,6 +109,11 @@ def resolve_model_path(spec: str, convert: bool = True) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise AapoError(f"model.path: '{spec}' has no config.json; give a Hugging Face model directory")
+        from aapo_app.checkpoint import weights_damage
+
+        damage = weights_damage(path)
+        if damage:
+            raise AapoError(f"model.path: the weights in '{spec}' are damaged ({damage}); copy or export them again")
         return str(path)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1
     if looks_local:

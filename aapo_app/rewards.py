@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -394,6 +395,23 @@ class RewardOutput:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def _as_scores(name: str, values, n: int) -> torch.Tensor:
+    """A reward's output as a float tensor, or one line naming the reward and the first value that is
+    not a number (a plugin returning None or strings)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float32).reshape(-1) if values.dim() <= 1 else values.float()
+    try:
+        values = list(values)
+    except TypeError:
+        raise AapoError(f"reward '{name}' returned {type(values).__name__}; it must return a list of {n} floats, "
+                        f"one per completion") from None
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real):  # int, float, bool, numpy scalars
+            raise AapoError(f"reward '{name}' returned {v!r} ({type(v).__name__}) for completion {i}; it must return "
+                            f"one float per completion")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
 class RewardModel:
     """The weighted sum of named rewards, built from ``rewards.weights``.
 
@@ -451,7 +469,7 @@ class RewardModel:
         counts = {"verify_timeout": 0, "verify_error": 0, "no_answer": 0}
         graded = False  # grading rewards share one cached verification: count its statuses once
         for name, reward in self.rewards.items():
-            values = torch.tensor(reward(completions, answers, lengths), dtype=torch.float32)  # [N]
+            values = _as_scores(name, reward(completions, answers, lengths), n)  # [N]
             if values.shape != (n,):
                 raise AapoError(f"reward '{name}' returned {tuple(values.shape)} values for {n} completions; "
                                 f"it must return one float per completion")

@@ -20,8 +20,9 @@ import yaml
 from tqdm import tqdm
 
 from aapo_app import metrics as M
+from aapo_app import rundir
 from aapo_app.builder import build_training, check_prompt_lengths, open_model, plan_run
-from aapo_app.checkpoint import Checkpointer
+from aapo_app.checkpoint import Checkpointer, check_same_ds_configs
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, PromptStyle
 from aapo_app.engine import all_reduce_sum, init_distributed, on_rank0
@@ -55,24 +56,25 @@ class Trainer:
     """Builds a run (:mod:`aapo_app.builder`) and drives its steps."""
 
     def __init__(self, cfg: RunConfig, ds_config: str | None = None, ref_ds_config: str | None = None,
-                 resume_from: Path | None = None):
+                 resume_from: Path | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.resume_from = Path(resume_from) if resume_from else None
         # everything that can fail on user input is checked before the (slow) engines are built
         plan = plan_run(cfg, ds_config, ref_ds_config)
         self.algorithm, self.ds_policy, self.ds_ref = plan.algorithm, plan.ds_policy, plan.ds_ref
         self.train_examples, self.eval_examples = plan.train_examples, plan.eval_examples
-        if not self.resume_from and cfg.output_dir and (Path(cfg.output_dir) / "metrics.jsonl").exists():
-            raise AapoError(f"--output-dir: '{cfg.output_dir}' already holds a run; choose a new directory "
-                            f"(or continue it with --resume latest)")
+        if self.resume_from is not None:
+            check_same_ds_configs(self.resume_from.parent.parent,
+                                  {"--ds-config": self.ds_policy, "--ref-ds-config": self.ds_ref})
 
         self.rank, self.world = init_distributed()
         self.sampler = PromptSampler(self.train_examples, cfg.rollout.prompts_per_rank, self.rank, self.world,
                                      cfg.train.seed)
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        # rank 0 creates the run directory; a failure there must stop every rank, not leave them waiting
-        self.output_dir = Path(on_rank0(lambda: str(cfg.output_dir) if self.resume_from else self._create_output_dir()))
+        # rank 0 locks (and creates) the run directory; a failure there must stop every rank, not leave them waiting
+        self.output_dir, notes = on_rank0(lambda: self._claim_output_dir(overwrite))
+        self.output_dir = Path(self.output_dir)
 
         files = open_model(cfg.model.path, self.rank)
         self.model_path, self.tokenizer = files.path, files.tokenizer
@@ -92,7 +94,7 @@ class Trainer:
                                reference=parts.reference_generator, cache=parts.reference_cache,
                                scorer=self.reference)
         if self.rank == 0:
-            for note in plan.notes:
+            for note in plan.notes + notes:
                 tqdm.write(f"note: {note}", file=sys.stderr)
         self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints)
         self.history: list[dict] = []
@@ -101,27 +103,36 @@ class Trainer:
         self.stop_signal: int | None = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        elif cfg.train.save_every or cfg.train.save_final:
-            self.checkpoints.check_disk_space(self.policy)
+        self.checkpoints.check_disk_space(self.policy, self._saves_left())
         self.reporter = self._make_reporter()
 
     # -- helpers ------------------------------------------------------------------------------
-    def _create_output_dir(self) -> str:
+    def _claim_output_dir(self, overwrite: bool) -> tuple[str, list[str]]:
+        """Rank 0: lock the run directory (see :mod:`aapo_app.rundir`) and, for a new run, create it and
+        record its configs; returns it and notes for the user."""
+        if self.resume_from is not None:
+            return str(self.cfg.output_dir), rundir.continue_from(self.resume_from)
         out = self.cfg.output_dir
         if not out:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             out = f"runs/{self.cfg.algorithm.name}-{stamp}"
         path = Path(out)
-        if path.exists() and (path / "metrics.jsonl").exists():
-            raise AapoError(f"--output-dir: '{path}' already holds a run; choose a new directory")
+        rundir.start(path, overwrite)
         try:
-            path.mkdir(parents=True, exist_ok=True)
             (path / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             (path / "ds_config.json").write_text(json.dumps(self.ds_policy, indent=2))
             (path / "ds_config_reference.json").write_text(json.dumps(self.ds_ref, indent=2))
         except OSError as exc:
             raise AapoError(f"--output-dir: cannot write to '{path}' ({exc.strerror}); choose a writable directory") from exc
-        return str(path)
+        return str(path), []
+
+    def _saves_left(self) -> int:
+        """How many checkpoints the rest of this run writes (every train.save_every steps, and at the end)."""
+        t = self.cfg.train
+        every = t.save_every
+        steps = range(self.start_step, t.max_steps + 1)
+        saves = sum(1 for s in steps if every and s % every == 0)
+        return saves + int(bool(t.save_final and steps and not (every and t.max_steps % every == 0)))
 
     def _prompts(self, examples) -> list[str]:
         return [self.prompts.render(ex.problem) for ex in examples]
@@ -309,7 +320,7 @@ class Trainer:
             "eval_problems": len(self.eval_examples),
             "skipped_nonfinite_steps": int(sum(m.get("skipped_nonfinite", 0) for m in self.history)),
             "checkpoint": (str(self.output_dir / "checkpoints" / f"step-{stopped_at or steps}")
-                           if cfg.train.save_final or stopped_at else None),
+                           if cfg.train.save_final or stopped_at or self.stop_signal else None),
         }
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -332,6 +343,8 @@ class Trainer:
                             f"NaN/inf, or use bf16/fp32 instead of fp16; resume from the last checkpoint with --resume")
 
     def close(self) -> None:
+        if self.rank == 0 and getattr(self, "output_dir", None) is not None:
+            rundir.unlock(self.output_dir)
         self.rewards.close()
         if getattr(self, "reporter", None) is not None:
             self.reporter.finish()

@@ -140,7 +140,8 @@ def test_existing_run_directory_is_not_touched(tmp_path):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     code, output, exc = run_cli(["train", "--output-dir", str(run_dir), *FAST])
     assert code == 2, (output, exc)
-    assert output.strip().startswith("error: --output-dir") and "already holds a run" in output
+    assert output.strip().startswith("error: --output-dir") and "holds a run that saved no checkpoint" in output
+    assert "--overwrite" in output
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
