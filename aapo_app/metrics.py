@@ -1,4 +1,4 @@
-"""Every metric written to ``metrics.jsonl``, defined once (the README glossary mirrors this table).
+"""Every metric written to ``metrics.jsonl``, defined once (docs/metrics.md mirrors this table).
 
 Per-step values are averaged over data-parallel ranks (every rank holds the same number of groups,
 so that is the global mean), except throughputs, which are summed over ranks.

@@ -1,7 +1,7 @@
 """vLLM rollouts (GPU): a vLLM engine colocated with each training rank, or a separate vLLM server.
 
 ``rollout.backend=vllm`` replaces the DeepSpeed engine's generation mode by vLLM for the policy
-group, the reference group and the held-out evaluation. Two layouts (README "vLLM rollouts"):
+group, the reference group and the held-out evaluation. Two layouts (docs/vllm.md):
 
 ``vllm.mode=colocate`` (default)
     Every training rank builds its own vLLM engine on its own GPU inside the training process
@@ -22,7 +22,7 @@ group, the reference group and the held-out evaluation. Two layouts (README "vLL
     cache. The two servers are told apart by where they are (resolved addresses) and by what they
     compute (:func:`check_engines_apart`, :func:`verify_apart_by_test_push`), not by URL text.
 
-Written against vLLM's source (0.10 to 0.33; see the README for what was and was not run on a GPU).
+Written against vLLM's source (0.10 to 0.33; see docs/vllm.md and docs/status.md for what was and was not run on a GPU).
 """
 
 from __future__ import annotations
@@ -529,7 +529,7 @@ def check_server_client() -> None:
 
 
 class ServerVLLM(VLLMEngine):
-    """A ``vllm serve`` process shared by all ranks (started by the user; README "vLLM rollouts").
+    """A ``vllm serve`` process shared by all ranks (started by the user; docs/vllm.md).
 
     Every rank sends its own prompts over HTTP. With ``push=True`` rank 0 joins the server's NCCL
     weight-transfer group (TRL's ``VLLMClient``) and streams the policy's weights to it."""
@@ -563,9 +563,9 @@ class ServerVLLM(VLLMEngine):
         try:
             self.client = VLLMClient(base_url=url, connection_timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - requests' errors and TRL's ConnectionError
-            raise AapoError(f"rollout.vllm_{'server' if role == 'policy' else 'reference'}_url: no vLLM server answers "
+            raise AapoError(f"vllm.{'server' if role == 'policy' else 'reference'}_url: no vLLM server answers "
                             f"at {url} within {timeout_s:.0f} s ({type(exc).__name__}); start it first "
-                            f"(README 'vLLM rollouts')") from exc
+                            f"(docs/vllm.md)") from exc
         self.pushing = push and rank == 0
         if self.pushing:
             self.client.init_communicator(device=torch.cuda.current_device() if torch.cuda.is_available() else 0)
@@ -597,7 +597,7 @@ class ServerVLLM(VLLMEngine):
             field_name = "vllm.server_url" if self.role == "policy" else "vllm.reference_url"
             raise AapoError(f"{field_name}: the server at {self.url} did not answer the probe request "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check that it "
-                            f"is a running `vllm serve` (README 'vLLM rollouts')") from exc
+                            f"is a running `vllm serve` (docs/vllm.md)") from exc
         probe = {PROBE_TOKENS: torch.tensor(out["completion_ids"][0], dtype=torch.float64)}
         rows = (out.get("logprobs") or [None])[0]
         values = _first_numbers(rows)  # greedy: the sampled token is the most likely one, listed first
@@ -761,7 +761,7 @@ def verify_apart_by_test_push(module, policy, reference) -> None:
     if not policy.compare(policy.probe(), before, policy.probe_tolerance):
         raise VLLMWeightsError(f"vllm.server_url: a test push of {TEST_PUSH_PARAM} (negated) did not change "
                                f"what the policy server computes: weights pushed to it do not take effect; check the "
-                               f"server's weight-transfer setup (README 'vLLM rollouts'), or use "
+                               f"server's weight-transfer setup (docs/vllm.md), or use "
                                f"vllm.mode=colocate")
     reference.apart_verified = True
 

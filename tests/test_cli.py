@@ -123,16 +123,6 @@ def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
     assert torch.equal(a, b)
 
 
-def test_readme_glossary_defines_every_metric():
-    from pathlib import Path
-
-    from aapo_app.metrics import METRICS
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for key in METRICS:
-        assert f"| `{key}` |" in readme, key
-
-
 def test_existing_run_directory_is_not_touched(tmp_path):
     run_dir = tmp_path / "old-run"
     run_dir.mkdir()
