@@ -104,6 +104,23 @@ def _refuse(run_dir: Path) -> None:
                     f"start it again with --overwrite (deletes it) or choose a new directory")
 
 
+#: what :func:`start` and the trainer write before a run's first step
+STARTED_FILES = ("config.yaml", "ds_config.json", "ds_config_reference.json", LOCK_FILE)
+
+
+def undo_start(run_dir: Path) -> None:
+    """Remove what starting a run wrote when it fails before its first step (so the directory does
+    not look like a run that could not be resumed), and the directory itself if that empties it."""
+    run_dir = Path(run_dir)
+    unlock(run_dir)
+    for name in STARTED_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # other files were there before the run
+
+
 def continue_from(step_dir: Path) -> list[str]:
     """Lock the run of checkpoint ``step_dir`` for a resume, clear the remains of killed saves and
     move checkpoints newer than ``step_dir`` aside. Returns notes for the user."""

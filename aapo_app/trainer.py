@@ -72,10 +72,6 @@ class Trainer:
                                      cfg.train.seed)
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        # rank 0 locks (and creates) the run directory; a failure there must stop every rank, not leave them waiting
-        self.output_dir, notes = on_rank0(lambda: self._claim_output_dir(overwrite))
-        self.output_dir = Path(self.output_dir)
-
         files = open_model(cfg.model.path, self.rank)
         self.model_path, self.tokenizer = files.path, files.tokenizer
         self.prompts = PromptStyle(self.tokenizer, cfg.data)
@@ -84,6 +80,20 @@ class Trainer:
         self.format_key = _format_key(self.rewards.weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
+        # rank 0 locks (and creates) the run directory; a failure there must stop every rank, not leave them waiting
+        self.output_dir, notes = on_rank0(lambda: self._claim_output_dir(overwrite))
+        self.output_dir = Path(self.output_dir)
+        try:
+            self._build(plan, files, notes)
+        except AapoError:
+            if self.rank == 0:  # a new run that could not start leaves no run behind (it could not be resumed)
+                if self.resume_from is None:
+                    rundir.undo_start(self.output_dir)
+                rundir.unlock(self.output_dir)
+            raise
+
+    def _build(self, plan, files, notes: list[str]) -> None:
+        cfg = self.cfg
         parts = build_training(plan, files, self.rank,
                                self._max_model_len() if cfg.rollout.backend == "vllm" else 0)
         self.policy, self.reference, self.generator = parts.policy, parts.reference, parts.generator

@@ -43,3 +43,53 @@ if "test_counted" not in REWARDS:
         def __call__(self, completions, answers, lengths):
             COUNTED.append(len(completions))
             return [0.0] * len(completions)
+
+if "test_none" not in REWARDS:
+
+    @register_reward("test_none")
+    class NoneReward(Reward):
+        """None for every completion: a plugin bug that must be reported naming the reward."""
+
+        def __call__(self, completions, answers, lengths):
+            return [None] * len(completions)
+
+if "test_fill_disk" not in REWARDS:
+
+    @register_reward("test_fill_disk")
+    class FillDiskReward(Reward):
+        """0 for every completion; once the run in $AAPO_TEST_RUN has saved checkpoints/step-1, it fills
+        the disk of $AAPO_TEST_FILL (another job filling a shared disk), so that the next save meets a
+        real full disk."""
+
+        def __call__(self, completions, answers, lengths):
+            import os
+            from pathlib import Path
+
+            run, fill = Path(os.environ["AAPO_TEST_RUN"]), Path(os.environ["AAPO_TEST_FILL"])
+            if (run / "checkpoints" / "step-1").is_dir() and not fill.exists():
+                with open(fill, "wb") as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * 2**20)
+                            f.flush()
+                    except OSError:  # ENOSPC: the disk is full
+                        pass
+            return [len(c) / 100.0 for c in completions]
+
+if "test_sigterm" not in REWARDS:
+
+    @register_reward("test_sigterm")
+    class SigtermReward(Reward):
+        """Sends SIGTERM to its own process when first called (a scheduler stopping the job during the
+        step), then grades like test_char_length."""
+
+        sent = False
+
+        def __call__(self, completions, answers, lengths):
+            import os
+            import signal
+
+            if not SigtermReward.sent:
+                SigtermReward.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return [len(c) / 100.0 for c in completions]
