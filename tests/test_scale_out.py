@@ -2,7 +2,6 @@
 validates, the launch wrappers print the commands they run, the learning-rate schedules, the
 dataset adapters, and ZeRO-3 partitioned loading."""
 
-import math
 import os
 import subprocess
 from pathlib import Path
@@ -12,10 +11,11 @@ import torch
 
 from aapo_app.config import load_run_config
 from aapo_app.data import DATA_PRESETS, DataConfig, load_examples
-from aapo_app.ds_config import REPO_DS_CONFIGS, fill_ds_config, read_ds_config
+from aapo_app.ds_config import fill_ds_config, read_ds_config
 from aapo_app.errors import AapoError
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_DS_CONFIGS = REPO / "ds_configs"  # the user-facing copy (tests/test_package.py: same bytes as the packaged one)
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
 DS_FILES = sorted(REPO_DS_CONFIGS.glob("*.json"))
 
