@@ -242,8 +242,9 @@ class ZeroModel:
             if "scheduler" in ds_config:
                 raise ValueError("lr_schedule and a DeepSpeed 'scheduler' section are exclusive")
 
-            def scheduler(opt):  # DeepSpeed calls it with the optimizer it built (or ours)
+            def lambda_lr(opt):  # DeepSpeed calls it with the optimizer it built (or ours)
                 return torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule)
+            scheduler = lambda_lr
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=None if optimizer else params, optimizer=optimizer,
             lr_scheduler=scheduler,
