@@ -139,13 +139,18 @@ def test_scheduler_in_two_places_is_an_error():
 
 
 def test_data_presets(shared_dir, monkeypatch):
-    """The offline stand-in keeps MATH train difficulty >= 3 (5,563 of 7,474 rows; 4 of those have an
+    """math_train_level3to5 on a user-given MATH train file keeps difficulty >= 3 (5,563 of 7,474 rows; 4 of those have an
     empty answer and are skipped); a hub preset asks datasets for its folder and columns."""
     path = str(shared_dir / "datasets" / "math_train" / "math_train.json")
     cfg = load_run_config(None, ["data.preset=math_train_level3to5", f"data.source={path}", "data.eval_size=8"])
     assert cfg.data.min_difficulty == 3 and cfg.data.problem_column == "problem"  # from the preset
     train, held_out = load_examples(cfg.data, 0)
     assert len(train) + len(held_out) == 5563 - 4
+    # it names no dataset of its own: without data.source it is one error naming the field and columns
+    # (never the arithmetic generator read through MATH's columns)
+    with pytest.raises(AapoError, match=r"^data\.source: data\.preset=math_train_level3to5 names no dataset; .*"
+                                        r"columns problem, answer, difficulty$"):
+        load_run_config(None, ["data.preset=math_train_level3to5"])
     import datasets
 
     calls = []
