@@ -167,7 +167,8 @@ class SharedView:
 # the engines
 
 
-# architectures for which DeepSpeed's hybrid engine has inference containers (SPEC section 9)
+# architectures for which DeepSpeed's hybrid engine has inference containers: OPT, BLOOM, GPT-J,
+# GPT-Neo, GPT-NeoX, LLaMA and InternLM (Qwen2 is not among them)
 HYBRID_ENGINE_MODEL_TYPES = ("opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm")
 
 

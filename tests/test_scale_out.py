@@ -62,7 +62,7 @@ def test_recipes_validate(recipe):
 
 
 def test_recipes_match_the_paper():
-    """SPEC section 6, per recipe: G, per-device batch = prompts_per_rank x G / accumulation, lr, lengths."""
+    """The paper's setups, per recipe: G, per-device batch = prompts_per_rank x G / accumulation, lr, lengths."""
     r = {p.stem: load_run_config(p) for p in RECIPES}
     assert set(r) == {"1.5b-open-rs", "7b-simplelr", "llama-1b", "llama-3b"}
     a = r["1.5b-open-rs"]
