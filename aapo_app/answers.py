@@ -397,12 +397,3 @@ def symbolic_equal(a: str, b: str) -> bool:
         raise
     except Exception:
         return False
-
-
-def grade_simplerl(gold: str, prediction: str) -> tuple[bool, str, str]:
-    """(correct, normalised gold, extracted prediction) under the simplerl protocol.
-
-    The gold is a bare answer (as the benchmark stores it); it is normalised, not searched."""
-    ref = strip_string(gold)
-    pred = extract_answer(prediction)
-    return math_equal(pred, ref), ref, pred

@@ -129,8 +129,10 @@ def _load_rows(b: Benchmark, data_dir: str | None) -> list[dict]:
         directory = Path(data_dir).expanduser() / b.local_name
         files = sorted(directory.glob("test.jsonl")) or sorted(directory.glob("*.jsonl"))
         if not files:
-            raise AapoError(f"--data-dir: no {b.local_name}/test.jsonl under '{data_dir}'; "
-                            f"lay it out like ../shared/benchmarks or leave --data-dir out to use the hub")
+            folders = ", ".join(f"{x.local_name}/" for x in BENCHMARKS.values())
+            raise AapoError(f"--data-dir: no {b.local_name}/test.jsonl under '{data_dir}'; give a directory with "
+                            f"one folder of .jsonl files per benchmark ({folders}) or leave --data-dir out to "
+                            f"use the hub")
         return _read_jsonl(files[0])
     try:
         import datasets

@@ -212,8 +212,9 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--run", "run_dir", default=None, help="A training run directory: evaluate its saved checkpoints.")
 @click.option("--step", default="latest", help="With --run: latest, all, or a step number.")
 @click.option("--benchmarks", default="all", help="all, or a comma list of aime24, math500, amc23, minerva, olympiadbench.")
-@click.option("--data-dir", default=None, help="Local benchmark files laid out like ../shared/benchmarks "
-                                                "(<dir>/aime24/test.jsonl, ...); default: the hub datasets.")
+@click.option("--data-dir", default=None, help="Local benchmark files, one folder each: <dir>/aime24/test.jsonl, "
+                                                "math500/, amc23/, minerva_math/, olympiadbench/ (test.jsonl, else "
+                                                "the first *.jsonl); default: the hub datasets.")
 @click.option("--protocol", default=None, type=click.Choice(["lighteval", "simplerl"]),
               help="lighteval: chat template, Qwen evaluation prompt, T 0.6, top-p 0.95, 32768 tokens, math-verify. "
                    "simplerl: no system prompt, T 1.0, top-p 0.95, 3072 tokens, Qwen2.5-Math extraction/equality. "

@@ -155,7 +155,7 @@ class VLLMConfig:
 
 @dataclass
 class RewardsConfig:
-    """Reward functions by name and their weights: r = sum_k w_k R_k (SPEC section 5)."""
+    """Reward functions by name and their weights: a completion o scores r = sum_k w_k R_k(o)."""
 
     weights: dict = _f({"accuracy": 1.0, "boxed_format": 0.5}, "reward name -> weight")
     params: dict = _f({}, "reward name -> its settings, e.g. {cosine: {max_len: 1000}} (see --help-config)")

@@ -55,7 +55,9 @@ class PromptExample:
 # Dataset adapters for the paper's training sets (data.preset). Keys set explicitly in the run config
 # win. Column names: knoveleng/open-rs has problem / solution / answer / level; the SimpleRL-Zoo-Data
 # level 3-5 sets are read through their question / gt_answer columns (as the AAPO authors' loader
-# does). math_train_level3to5 is the offline stand-in: MATH train from ../shared, difficulty >= 3.
+# does). math_train_level3to5 reads MATH train from wherever the user keeps it: data.source names the
+# file, directory or hub dataset (columns problem / answer / difficulty, levels 1-5 as numbers or as
+# "Level N"), and the preset keeps difficulty >= 3. It names no source itself, so data.source is required.
 DATA_PRESETS: dict[str, dict[str, Any]] = {
     "open-rs": {"source": "knoveleng/open-rs", "split": "train", "problem_column": "problem",
                 "answer_column": "answer"},
@@ -63,8 +65,8 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
                                 "split": "train", "problem_column": "question", "answer_column": "gt_answer"},
     "simplelr_abel_level3to5": {"source": "hkust-nlp/SimpleRL-Zoo-Data", "data_dir": "simplelr_abel_level3to5",
                                 "split": "train", "problem_column": "question", "answer_column": "gt_answer"},
-    "math_train_level3to5": {"source": "../shared/datasets/math_train/math_train.json", "problem_column": "problem",
-                             "answer_column": "answer", "min_difficulty": 3, "difficulty_column": "difficulty"},
+    "math_train_level3to5": {"problem_column": "problem", "answer_column": "answer", "min_difficulty": 3,
+                             "difficulty_column": "difficulty"},
 }
 
 
@@ -73,7 +75,12 @@ def apply_data_preset(data: dict) -> dict:
     name = data.get("preset")
     if name is None or name not in DATA_PRESETS:
         return data  # an unknown name is reported by DataConfig.validate
-    return {**DATA_PRESETS[name], **data}
+    preset = DATA_PRESETS[name]
+    if "source" not in preset and "source" not in data:
+        columns = ", ".join(preset[k] for k in ("problem_column", "answer_column", "difficulty_column") if k in preset)
+        raise AapoError(f"data.source: data.preset={name} names no dataset; give data.source=<a .json/.jsonl/.parquet "
+                        f"file, a directory of them or a hub dataset id> with columns {columns}")
+    return {**preset, **data}
 
 
 @dataclass

@@ -13,14 +13,17 @@ from pathlib import Path
 
 from aapo_app.errors import AapoError
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+# The default configs ship inside the package (package data), so an installed copy finds them; the
+# repository's top-level ds_configs/ holds the same files (a test keeps them byte-identical) with
+# their README.
+PACKAGED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 DEFAULT_POLICY_CONFIG = "zero3_cpu.json"
 DEFAULT_REFERENCE_CONFIG = "zero3_inference_cpu.json"
 DEFAULT_EVAL_CONFIG_GPU = "zero3_inference_bf16.json"
 
 
 def read_ds_config(path: str | Path | None, default_name: str, option: str = "--ds-config") -> dict:
-    path = Path(path) if path else REPO_DS_CONFIGS / default_name
+    path = Path(path) if path else PACKAGED_DS_CONFIGS / default_name
     if not path.is_file():
         raise AapoError(f"{option}: no DeepSpeed config at '{path}'; give a JSON file (see ds_configs/)")
     try:

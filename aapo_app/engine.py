@@ -167,7 +167,8 @@ class SharedView:
 # the engines
 
 
-# architectures for which DeepSpeed's hybrid engine has inference containers (SPEC section 9)
+# architectures for which DeepSpeed's hybrid engine has inference containers: OPT, BLOOM, GPT-J,
+# GPT-Neo, GPT-NeoX, LLaMA and InternLM (Qwen2 is not among them)
 HYBRID_ENGINE_MODEL_TYPES = ("opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm")
 
 
@@ -242,8 +243,9 @@ class ZeroModel:
             if "scheduler" in ds_config:
                 raise ValueError("lr_schedule and a DeepSpeed 'scheduler' section are exclusive")
 
-            def scheduler(opt):  # DeepSpeed calls it with the optimizer it built (or ours)
+            def lambda_lr(opt):  # DeepSpeed calls it with the optimizer it built (or ours)
                 return torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule)
+            scheduler = lambda_lr
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=None if optimizer else params, optimizer=optimizer,
             lr_scheduler=scheduler,

@@ -31,8 +31,14 @@ REPORTERS = ("wandb", "tensorboard")
 
 
 def git_commit() -> str:
-    """The commit of the aapo code that runs (with ``-dirty`` when it has local changes), or unknown."""
+    """The commit of the aapo code that runs (with ``-dirty`` when it has local changes), or unknown.
+
+    Only a checkout has one: an installed copy (site-packages, a --target folder) is not the root of a
+    git repository, and the repository around it (a venv inside some checkout) is not this code's.
+    """
     root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():  # a directory in a clone, a file in a worktree
+        return "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:

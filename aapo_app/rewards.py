@@ -1,4 +1,4 @@
-"""Reward functions, chosen by name, and their weighted sum (SPEC §5).
+"""Reward functions, chosen by name, and their weighted sum r = sum_k w_k R_k.
 
 Every reward is a class registered under its name with ``@register_reward``; ``REWARDS`` is the only
 place names are looked up. A reward is called as ``reward(completions, answers, lengths)`` with N
@@ -189,7 +189,7 @@ class AccuracyReward(Reward):
 
 @register_reward("cosine")
 class CosineReward(Reward):
-    """Length-scaled correctness (paper eq. 9-10, SPEC section 5).
+    """Length-scaled correctness (paper eq. 9-10).
 
     With l the completion length in tokens (the ``lengths`` argument), L = ``max_len`` and progress
     p = min(l / L, 1)::
@@ -198,8 +198,7 @@ class CosineReward(Reward):
         wrong:   wrong_max + 1/2 (wrong_min - wrong_max)(1 + cos(pi p))         # -0.5 at l=0 -> 0.0 at l>=L
 
     Correctness is the grader's verdict, exactly as ``accuracy`` (a timeout or error counts as
-    wrong and is counted in ``self.counts``). Two deliberate departures from the authors' code
-    (SPEC section 3):
+    wrong and is counted in ``self.counts``). Two deliberate departures from the authors' code:
 
     1. l is the completion length in tokens, not in characters of the decoded text (the authors
        use ``len(content)``, so L = 1000 meant 1000 characters there).

@@ -19,6 +19,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from aapo_app import __version__
 from aapo_app import metrics as M
 from aapo_app import rundir
 from aapo_app.builder import build_training, check_prompt_lengths, open_model, plan_run
@@ -191,7 +192,7 @@ class Trainer:
         """wandb / TensorBoard on rank 0 with the full config and the code's git commit; the same
         facts go to run_info.json."""
         cfg = self.cfg
-        info = {"git_commit": git_commit(), "world_size": self.world, "model_path": self.model_path,
+        info = {"git_commit": git_commit(), "aapo_version": __version__, "world_size": self.world, "model_path": self.model_path,
                 "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None}
         if self.rank == 0:
             (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=2))

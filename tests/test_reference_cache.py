@@ -13,7 +13,9 @@ from aapo_app.reference_cache import build, read_records
 from aapo_app.trainer import Trainer
 from helpers import free_port, run
 from test_engine import tiny_overrides, train_run
-from test_vllm import fake_servers, resolving  # noqa: F401 - fixtures
+import test_vllm
+
+fake_servers, resolving = test_vllm.fake_servers, test_vllm.resolving  # fixtures of tests/test_vllm.py
 
 # test_char_length (tests/plugin_rewards.py) is len(completion) / 100; boxed_format is 1 with a \boxed{}
 WEIGHTS = {"accuracy": 0.0, "test_char_length": 1.0, "boxed_format": 0.5}

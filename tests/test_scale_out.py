@@ -2,7 +2,6 @@
 validates, the launch wrappers print the commands they run, the learning-rate schedules, the
 dataset adapters, and ZeRO-3 partitioned loading."""
 
-import math
 import os
 import subprocess
 from pathlib import Path
@@ -12,10 +11,11 @@ import torch
 
 from aapo_app.config import load_run_config
 from aapo_app.data import DATA_PRESETS, DataConfig, load_examples
-from aapo_app.ds_config import REPO_DS_CONFIGS, fill_ds_config, read_ds_config
+from aapo_app.ds_config import fill_ds_config, read_ds_config
 from aapo_app.errors import AapoError
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_DS_CONFIGS = REPO / "ds_configs"  # the user-facing copy (tests/test_package.py: same bytes as the packaged one)
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
 DS_FILES = sorted(REPO_DS_CONFIGS.glob("*.json"))
 
@@ -62,7 +62,7 @@ def test_recipes_validate(recipe):
 
 
 def test_recipes_match_the_paper():
-    """SPEC section 6, per recipe: G, per-device batch = prompts_per_rank x G / accumulation, lr, lengths."""
+    """The paper's setups, per recipe: G, per-device batch = prompts_per_rank x G / accumulation, lr, lengths."""
     r = {p.stem: load_run_config(p) for p in RECIPES}
     assert set(r) == {"1.5b-open-rs", "7b-simplelr", "llama-1b", "llama-3b"}
     a = r["1.5b-open-rs"]
@@ -139,13 +139,18 @@ def test_scheduler_in_two_places_is_an_error():
 
 
 def test_data_presets(shared_dir, monkeypatch):
-    """The offline stand-in keeps MATH train difficulty >= 3 (5,563 of 7,474 rows; 4 of those have an
+    """math_train_level3to5 on a user-given MATH train file keeps difficulty >= 3 (5,563 of 7,474 rows; 4 of those have an
     empty answer and are skipped); a hub preset asks datasets for its folder and columns."""
     path = str(shared_dir / "datasets" / "math_train" / "math_train.json")
     cfg = load_run_config(None, ["data.preset=math_train_level3to5", f"data.source={path}", "data.eval_size=8"])
     assert cfg.data.min_difficulty == 3 and cfg.data.problem_column == "problem"  # from the preset
     train, held_out = load_examples(cfg.data, 0)
     assert len(train) + len(held_out) == 5563 - 4
+    # it names no dataset of its own: without data.source it is one error naming the field and columns
+    # (never the arithmetic generator read through MATH's columns)
+    with pytest.raises(AapoError, match=r"^data\.source: data\.preset=math_train_level3to5 names no dataset; .*"
+                                        r"columns problem, answer, difficulty$"):
+        load_run_config(None, ["data.preset=math_train_level3to5"])
     import datasets
 
     calls = []

@@ -40,7 +40,6 @@ from aapo_app.algorithms import register_algorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
     Algorithm,
-    AlgorithmParams,
     LossOutput,
     PolicyRatioParams,
     check_rewards,
