@@ -224,7 +224,9 @@ def check_same_ds_configs(run_dir: Path, configs: dict[str, dict]) -> None:
             old = json.loads(Path(recorded).read_text())
         except (OSError, ValueError):
             continue
-        for key, was, now in _differences(old, resolved):
+        first = ("zero_optimization.stage", "bf16.enabled", "fp16.enabled", "zero_optimization.offload_optimizer")
+        differences = sorted(_differences(old, resolved), key=lambda d: (not d[0].startswith(first), d[0]))
+        for key, was, now in differences:
             raise AapoError(f"{option}: the run was trained with {key}={was!r} (its {Path(recorded).name}) but this "
                             f"command gives {now!r}; resume without {option} to use the run's own")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from aapo_app.checkpoint import saved_checkpoints, select_steps
+from aapo_app.checkpoint import checkpoint_damage, saved_checkpoints, select_steps
 from aapo_app.errors import AapoError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,6 +33,9 @@ def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = find_checkpoint(run_dir, step)
+    damage = checkpoint_damage(ckpt)
+    if damage:
+        raise AapoError(f"checkpoint '{ckpt}' is damaged ({damage}); export another step")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AapoError(f"--out: '{out}' exists and is not empty; choose a new directory")
