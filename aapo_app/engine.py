@@ -51,6 +51,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    from aapo_app.third_party import ignore_third_party_warnings
+
+    ignore_third_party_warnings()  # DeepSpeed's ZeRO-3 collectives call torch APIs deprecated in 2.13
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
