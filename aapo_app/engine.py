@@ -46,6 +46,29 @@ def launched_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def _skip_cpu_shm_comm_op() -> None:
+    """Tell DeepSpeed not to build its shared-memory communication op on the CPU accelerator.
+
+    DeepSpeed's ``TorchBackend`` builds it at every start (``deepspeed.comm.torch.build_shm_op``):
+    a C++ extension compiled on the machine's first run (about 45 s on 2 cores, and a C++
+    compiler needed), then a "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+    successfully" line printed to stdout on every run. Its only user is DeepSpeed's
+    tensor-parallel inference all-reduce (``inference_all_reduce``, AutoTP); aapo's ZeRO-3
+    engines communicate through ``torch.distributed`` only, so nothing aapo runs uses it at any
+    world size. DeepSpeed has no setting for it: it builds the op when its table of compatible
+    ops says it can, so the op is marked incompatible there."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher (deepspeed/torchrun) set up, or make a 1-rank one."""
     import deepspeed
@@ -60,6 +83,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        _skip_cpu_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
