@@ -225,6 +225,20 @@ def check_hybrid_engine(config=None) -> None:
                         f"set it to false")
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """transformers' progress bars off while inside (and back on after, if they were on)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class ZeroModel:
     """A causal LM inside a DeepSpeed engine, with a generation mode and log-prob scoring.
 
@@ -320,7 +334,8 @@ class ZeroModel:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with self.generation_mode() as module:
             if rank == 0:
-                module.save_pretrained(path)
+                with _no_hf_progress_bars():  # its "Writing model shards" bar would cut into the run's own
+                    module.save_pretrained(path)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(path)
         barrier()
