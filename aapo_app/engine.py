@@ -334,7 +334,7 @@ class ZeroModel:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with self.generation_mode() as module:
             if rank == 0:
-                with _no_hf_progress_bars():  # its "Writing model shards" bar would cut into the run's own
+                with _no_hf_progress_bars():  # its "Writing model shards" bar breaks into the step bar
                     module.save_pretrained(path)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(path)
