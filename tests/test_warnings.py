@@ -65,7 +65,11 @@ def test_first_aapo_train_output_is_clean(tmp_path, smollm2_dir):
     cmd = [sys.executable, "-m", "aapo_app", "train", "--max-steps", "1", "--output-dir", str(out),
            "rollout.group_size=2", "rollout.prompts_per_rank=2", "rollout.max_new_tokens=8",
            "train.micro_batch_size=2", "data.eval_size=2", "train.eval_max_new_tokens=8", "rewards.num_workers=1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "DS_ACCELERATOR")}
+    # a user's shell: none of ours, and none of the launcher variables that init_distributed puts into
+    # this process's environment when an earlier test built an engine (its MASTER_PORT is taken)
+    unset = {"PYTHONWARNINGS", "DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
