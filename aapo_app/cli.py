@@ -32,6 +32,9 @@ def _fail(message: str) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """AAPO and its baselines (GRPO, GPG, Dr. GRPO, DAPO) on a DeepSpeed ZeRO-3 hybrid engine."""
+    from aapo_app.third_party import ignore_third_party_warnings
+
+    ignore_third_party_warnings()  # in every process the CLI starts, the launcher's ranks included
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

@@ -46,17 +46,44 @@ def launched_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def _skip_cpu_shm_comm_op() -> None:
+    """Tell DeepSpeed not to build its shared-memory communication op on the CPU accelerator.
+
+    DeepSpeed's ``TorchBackend`` builds it at every start (``deepspeed.comm.torch.build_shm_op``):
+    a C++ extension compiled on the machine's first run (about 45 s on 2 cores, and a C++
+    compiler needed), then a "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+    successfully" line printed to stdout on every run. Its only user is DeepSpeed's
+    tensor-parallel inference all-reduce (``inference_all_reduce``, AutoTP); aapo's ZeRO-3
+    engines communicate through ``torch.distributed`` only, so nothing aapo runs uses it at any
+    world size. DeepSpeed has no setting for it: it builds the op when its table of compatible
+    ops says it can, so the op is marked incompatible there."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher (deepspeed/torchrun) set up, or make a 1-rank one."""
     import deepspeed
     import torch.distributed as dist
 
+    from aapo_app.third_party import ignore_third_party_warnings
+
+    ignore_third_party_warnings()  # DeepSpeed's ZeRO-3 collectives call torch APIs deprecated in 2.13
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        _skip_cpu_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -199,6 +226,20 @@ def check_hybrid_engine(config=None) -> None:
                         f"set it to false")
 
 
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """transformers' progress bars off while inside (and back on after, if they were on)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class ZeroModel:
     """A causal LM inside a DeepSpeed engine, with a generation mode and log-prob scoring.
 
@@ -295,7 +336,8 @@ class ZeroModel:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with self.generation_mode() as module:
             if rank == 0:
-                module.save_pretrained(path)
+                with _no_hf_progress_bars():  # its "Writing model shards" bar breaks into the step bar
+                    module.save_pretrained(path)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(path)
         barrier()

@@ -28,6 +28,7 @@ for the same seed (different random numbers), not in distribution; greedy tokens
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 
 import torch
@@ -98,6 +99,13 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._reindex(lambda t: t.index_select(0, indices))
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes a key/value :class:`Cache`: ``cache`` where
+    transformers has renamed it (5.x; ``past_key_values`` is still accepted there but warns that it is
+    deprecated on every call), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def preallocate(cache: DynamicCache, capacity: int) -> DynamicCache:
@@ -198,7 +206,8 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
     eos = torch.tensor(eos_ids, dtype=ids.dtype, device=dev)
 
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
+    cache_kw = cache_keyword(model)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **{cache_kw: cache},
                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
     cache = preallocate(cache, width + min(max_new_tokens, INITIAL_CACHE_TOKENS))
     cache.batch_repeat_interleave(num_samples)
@@ -227,6 +236,6 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
             live, tokens, done = live[keep], tokens[keep], done[keep]
             full_mask, next_pos = full_mask[keep], next_pos[keep]
         logits = model(input_ids=tokens[:, None], attention_mask=full_mask[:, :width + t + 1],
-                       position_ids=(next_pos + t)[:, None], past_key_values=cache,
+                       position_ids=(next_pos + t)[:, None], **{cache_kw: cache},
                        use_cache=True).logits[:, -1].float()
     return out.cpu()
