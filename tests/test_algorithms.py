@@ -950,7 +950,7 @@ def test_dapo_keep_mask():
 
 
 def test_dapo_is_a_clipped_pg_algorithm_without_kl():
-    from aapo_app.algorithms.grpo import ClippedPGKLAlgorithm
+    from aapo_app.algorithms.clipped_pg import ClippedPGKLAlgorithm
 
     algo = build_algorithm("dapo")
     assert isinstance(algo, ClippedPGKLAlgorithm)

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
     PolicyRatioParams,
@@ -66,8 +65,9 @@ from aapo_app.algorithms.base import (
     require_int,
     require_non_negative,
 )
-from aapo_app.algorithms.grpo import (CLIPPED_PG_METRICS, ClippedPGKLAlgorithm, check_epsilon, group_advantages,
-                                      zero_std_groups)
+from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
+from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
+from aapo_app.algorithms.registry import register_algorithm
 
 
 def dapo_keep_mask(values: Tensor) -> Tensor:

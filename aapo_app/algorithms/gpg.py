@@ -35,8 +35,6 @@ from typing import Literal
 
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
-from aapo_app.algorithms.aapo import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
     AlgorithmParams,
@@ -48,7 +46,9 @@ from aapo_app.algorithms.base import (
     require_number,
     require_non_negative,
 )
-from aapo_app.algorithms.grpo import group_advantages, zero_std_groups
+from aapo_app.algorithms.common import group_advantages, zero_std_groups
+from aapo_app.algorithms.cross_entropy_pg import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
+from aapo_app.algorithms.registry import register_algorithm
 from aapo_app.errors import AapoError
 
 F_NORMS = ("std", "one")
