@@ -42,10 +42,14 @@ from aapo_app.algorithms.gpg import GPG, gpg_advantages  # isort: skip
 from aapo_app.algorithms.dr_grpo import DrGRPO  # isort: skip
 from aapo_app.algorithms.dapo import DAPO, dapo_keep_mask  # isort: skip
 
+#: ``algorithm.name`` when a config names none.
+DEFAULT_ALGORITHM = AAPO.name
+
 __all__ = [
     "AAPO",
     "ALGORITHMS",
     "DAPO",
+    "DEFAULT_ALGORITHM",
     "DrGRPO",
     "GPG",
     "GRPO",
