@@ -47,6 +47,7 @@ from torch import Tensor
 
 from aapo_app.algorithms.base import (
     AdvantageOutput,
+    AggregationMode,
     AlgorithmParams,
     check_rewards,
     require_bool,
@@ -118,7 +119,7 @@ def aapo_advantages(
 class AAPOParams(AlgorithmParams):
     """Parameters of AAPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="group_token_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS): "
                           "'group_token_mean' is the paper's Definition (each group over its own token count, mean "

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from aapo_app.algorithms.base import AdvantageOutput, PolicyRatioParams, check_rewards, require_non_negative
+from aapo_app.algorithms.base import (AdvantageOutput, AggregationMode, PolicyRatioParams, check_rewards,
+                                     require_non_negative)
 from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
 from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
 from aapo_app.algorithms.registry import register_algorithm
@@ -52,7 +53,7 @@ from aapo_app.algorithms.registry import register_algorithm
 class DrGRPOParams(PolicyRatioParams):
     """Parameters of Dr. GRPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="constant",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "Dr. GRPO's paper: 'constant', token sums over rollout.max_new_tokens, mean over sequences"},

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from aapo_app.algorithms.base import AdvantageOutput, PolicyRatioParams, check_rewards, require_non_negative
+from aapo_app.algorithms.base import (AdvantageOutput, AggregationMode, PolicyRatioParams, check_rewards,
+                                     require_non_negative)
 from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
 from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
 from aapo_app.algorithms.registry import register_algorithm
@@ -45,7 +46,7 @@ from aapo_app.algorithms.registry import register_algorithm
 class GRPOParams(PolicyRatioParams):
     """Parameters of GRPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="seq_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "GRPO's paper: 'seq_mean', each sequence's token mean averaged over the sequences"},
