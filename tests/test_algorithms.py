@@ -793,6 +793,16 @@ def test_metrics_define_every_logged_key(name, kwargs):
     assert ("kl_mean" in logged) == algo.uses_reference_logprobs
 
 
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_declared_metrics_are_the_glossarys(name):
+    # every key an algorithm declares is logged as algo/<key> and means what metrics.METRICS says
+    from aapo_app.metrics import METRICS, glossary_key
+
+    for key, text in ALGORITHMS[name].metrics.items():
+        assert glossary_key(f"algo/{key}") == f"algo/{key}", key  # its own entry, no wildcard
+        assert text == METRICS[f"algo/{key}"], key
+
+
 def test_algorithms_do_not_import_deepspeed():
     code = "import sys, aapo_app.algorithms; print('deepspeed' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

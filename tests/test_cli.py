@@ -133,6 +133,20 @@ def test_readme_glossary_defines_every_metric():
         assert f"| `{key}` |" in readme, key
 
 
+def test_glossary_has_no_wildcard_for_algorithm_metrics_and_plot_panels_are_defined():
+    from aapo_app.metrics import METRICS, glossary_key
+    from aapo_app.plot import PANELS
+
+    assert glossary_key("reward/cosine") == "reward/<name>"
+    with pytest.raises(KeyError, match="algo/undefined"):
+        glossary_key("algo/undefined")
+    assert not [key for key in METRICS if key.startswith("algo/<")]
+    keys = [key for key, _ in PANELS]
+    assert len(set(keys)) == len(keys)
+    for key in keys:  # one panel, one defined metric
+        assert glossary_key(key) == key
+
+
 def test_existing_run_directory_is_not_touched(tmp_path):
     run_dir = tmp_path / "old-run"
     run_dir.mkdir()

@@ -58,6 +58,7 @@ from aapo_app.algorithms.common import group_advantages, zero_std_groups
 from aapo_app.algorithms.cross_entropy_pg import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.registry import register_algorithm
 from aapo_app.errors import AapoError
+from aapo_app.metrics import algorithm_metrics
 
 
 def aapo_advantages(
@@ -155,12 +156,8 @@ class AAPO(CrossEntropyPGAlgorithm):
     Params = AAPOParams
     uses_reference_samples = True
     metrics = {
-        "zero_std_group_frac": "fraction of prompts whose G policy rewards are all equal (group term 0)",
-        "momentum_clip_low_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_low (r − r_ref < δ_low); 0 when clip is off",
-        "momentum_clip_high_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_high (r − r_ref > δ_high); 0 when clip is off",
-        "group_term_mean": "mean over samples of the group term (r − mean)/(std + ε)",
-        "group_term_std": "population std over samples of the group term",
-        "momentum_mean": "mean over samples of the (clipped) momentum term clip(r − r_ref, δ_low, δ_high)",
+        **algorithm_metrics("zero_std_group_frac", "momentum_clip_low_frac", "momentum_clip_high_frac",
+                            "group_term_mean", "group_term_std", "momentum_mean"),
         **CE_LOSS_METRICS,
     }
 

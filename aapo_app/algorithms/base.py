@@ -393,7 +393,9 @@ class Algorithm(abc.ABC):
         Params: the dataclass of this algorithm's parameters (``algorithm.<field>`` in the config).
         uses_reference_samples: True if the rollout must also sample a group of G completions from
             the frozen reference model and score them (``ref_rewards`` in :meth:`advantages`).
-        metrics: every key this algorithm logs (diagnostics and stats) → its definition.
+        metrics: every key this algorithm logs (diagnostics and stats) → its definition; the trainer
+            logs each as ``algo/<key>``, defined once in ``aapo_app.metrics.METRICS`` (build the
+            table with ``aapo_app.metrics.algorithm_metrics``).
     """
 
     name: ClassVar[str] = ""

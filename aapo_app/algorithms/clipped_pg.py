@@ -21,19 +21,12 @@ from aapo_app.algorithms.base import (
     zero_where_masked,
 )
 from aapo_app.algorithms.common import k3_kl, ppo_clip_loss
+from aapo_app.metrics import algorithm_metrics
 
-CLIPPED_PG_METRICS = {
-    "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-    "loss": "the update's objective: the loss of each optimizer step (all its micro-batches and ranks), averaged "
-            "over the optimizer steps of the training step",
-    "pg_loss": "the PPO clipped-surrogate part of loss, without the KL term",
-    "kl_mean": "mean k3 KL(π_θ ‖ π_ref) per counted token (logged when β > 0)",
-    "ratio_clip_frac": "fraction of counted tokens (all optimizer steps of the update) whose ratio ρ = π_θ/π_old was "
-                       "clipped: the clipped PPO term is active and the token gets no gradient",
-    "ratio_clip_low_frac": "fraction of counted tokens clipped below: A < 0 and ρ < 1 − ε_low",
-    "ratio_clip_high_frac": "fraction of counted tokens clipped above: A > 0 and ρ > 1 + ε_high",
-    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
-}
+#: What GRPO and Dr. GRPO log: the zero-std groups of the advantages and the stats of
+#: :func:`clipped_pg_kl_loss` (kl_mean only when β > 0).
+CLIPPED_PG_METRICS = algorithm_metrics("zero_std_group_frac", "loss", "pg_loss", "kl_mean", "ratio_clip_frac",
+                                       "ratio_clip_low_frac", "ratio_clip_high_frac", "num_tokens")
 
 
 def clipped_pg_kl_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor,

@@ -13,13 +13,10 @@ from aapo_app.algorithms.base import (
     weighted_token_sum,
     zero_where_masked,
 )
+from aapo_app.metrics import algorithm_metrics
 
-#: Definitions of the stats returned by :func:`pg_cross_entropy_loss` (shared by AAPO and GPG).
-CE_LOSS_METRICS = {
-    "loss": "the update's objective: the loss of the optimizer step over all its micro-batches and ranks",
-    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
-    "logprob_mean": "mean log π_θ of the counted completion tokens (minus the per-token cross-entropy)",
-}
+#: The metrics of the stats returned by :func:`pg_cross_entropy_loss` (AAPO and GPG log them).
+CE_LOSS_METRICS = algorithm_metrics("loss", "num_tokens", "logprob_mean")
 
 
 def pg_cross_entropy_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor) -> LossOutput:

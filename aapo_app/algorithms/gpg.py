@@ -51,6 +51,7 @@ from aapo_app.algorithms.common import group_advantages, zero_std_groups
 from aapo_app.algorithms.cross_entropy_pg import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.registry import register_algorithm
 from aapo_app.errors import AapoError
+from aapo_app.metrics import algorithm_metrics
 
 #: The advantage denominator F_norm: the group std + eps, or 1.
 FNorm = Literal["std", "one"]
@@ -134,11 +135,7 @@ class GPG(CrossEntropyPGAlgorithm):
     name = "gpg"
     Params = GPGParams
     uses_reference_samples = False
-    metrics = {
-        "alpha": "fraction of samples in groups whose rewards are not all equal; advantages are divided by it",
-        "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-        **CE_LOSS_METRICS,
-    }
+    metrics = {**algorithm_metrics("alpha", "zero_std_group_frac"), **CE_LOSS_METRICS}
 
     params: GPGParams
 
