@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from aapo_app.algorithms import algorithm_params_class
+from aapo_app.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, algorithm_params_class
 from aapo_app.data import DataConfig, apply_data_preset
 from aapo_app.errors import AapoError
 from aapo_app.models import EMBEDDED_DEFAULT
@@ -199,7 +199,7 @@ class RewardsConfig:
 class AlgorithmConfig:
     """The algorithm by registry name and its parameters (see ``aapo_app.algorithms``)."""
 
-    name: str = _f("aapo", "aapo | grpo | gpg | dr_grpo | dapo")
+    name: str = _f(DEFAULT_ALGORITHM, "registry name of the algorithm: " + " | ".join(sorted(ALGORITHMS)))
     params: Any = None  # the algorithm's Params dataclass, filled by the loader
 
 
@@ -472,7 +472,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         else:
             sections[f.name] = _check_type(f.name, data[f.name], tp)
     algo = dict(algo)
-    name = algo.pop("name", "aapo")
+    name = algo.pop("name", DEFAULT_ALGORITHM)
     if not isinstance(name, str):
         raise AapoError(f"algorithm.name must be a string (got {name!r})")
     params = build_dataclass(algorithm_params_class(name), algo, "algorithm")
@@ -502,8 +502,6 @@ def describe_config() -> str:
     for reward, fields in sorted(reward_params_help().items()):
         for name, (default, text) in fields.items():
             lines.append(f"  rewards.params.{reward}.{name} = {default!r}\n      {text}")
-    from aapo_app.algorithms import ALGORITHMS
-
     for name in sorted(ALGORITHMS):
         params_cls = algorithm_params_class(name)
         for f in dataclasses.fields(params_cls):

@@ -18,14 +18,30 @@ METRICS: dict[str, str] = {
     "format_rate": "fraction of policy samples meeting the format reward (boxed_format, else format / tag_format)",
     "advantage/mean": "mean advantage over the policy samples",
     "advantage/std": "standard deviation of the advantages",
-    "algo/zero_std_group_frac": "fraction of prompt groups whose G rewards are all equal (group term 0)",
-    "algo/momentum_clip_low_frac": "AAPO: fraction of samples whose momentum r_i - r_ref_i was clipped at delta_low",
-    "algo/momentum_clip_high_frac": "AAPO: fraction of samples whose momentum r_i - r_ref_i was clipped at delta_high",
+    "algo/zero_std_group_frac": "fraction of the prompt groups trained this step whose G policy rewards are all equal "
+                                "(their group-relative advantage term is 0)",
+    "algo/alpha": "GPG: fraction of the samples trained this step that are in prompt groups whose rewards are not all "
+                  "equal (1 - algo/zero_std_group_frac); the advantages are divided by it",
+    "algo/group_term_mean": "AAPO: mean over the step's policy samples of the group term (r - mean)/(std + eps)",
+    "algo/group_term_std": "AAPO: population standard deviation over the step's policy samples of the group term",
+    "algo/momentum_mean": "AAPO: mean over the step's policy samples of the momentum term "
+                          "clip(r_i - r_ref_i, delta_low, delta_high) (unclipped when algorithm.clip is false)",
+    "algo/momentum_clip_low_frac": "AAPO: fraction of samples whose momentum r_i - r_ref_i was clipped at delta_low "
+                                   "(0 when algorithm.clip is false)",
+    "algo/momentum_clip_high_frac": "AAPO: fraction of samples whose momentum r_i - r_ref_i was clipped at delta_high "
+                                    "(0 when algorithm.clip is false)",
     "algo/ratio_clip_frac": "GRPO, Dr. GRPO, DAPO: fraction of counted tokens (all optimizer steps of the update) whose "
                             "ratio pi_theta/pi_old was clipped (no gradient)",
     "algo/ratio_clip_low_frac": "GRPO, Dr. GRPO, DAPO: fraction of counted tokens with A < 0 and ratio < 1 - eps_low",
     "algo/ratio_clip_high_frac": "GRPO, Dr. GRPO, DAPO: fraction of counted tokens with A > 0 and ratio > 1 + eps_high",
-    "algo/<other>": "further diagnostics of the algorithm's advantage and loss (defined in its Algorithm.metrics)",
+    "algo/loss": "the algorithm's loss of the update: the same value as loss",
+    "algo/pg_loss": "GRPO, Dr. GRPO, DAPO: the PPO clipped-surrogate part of loss, without the KL term "
+                    "(normalised and averaged as loss)",
+    "algo/kl_mean": "GRPO, Dr. GRPO with beta > 0: mean k3 KL(pi_theta || pi_ref) per counted token "
+                    "(all optimizer steps of the update)",
+    "algo/logprob_mean": "AAPO, GPG: mean log pi_theta per counted completion token of the update",
+    "algo/num_tokens": "counted completion tokens (all ranks) per optimizer step, averaged over the step's "
+                       "optimizer steps",
     "loss": "the objective of the update: each optimizer step's loss over all its micro-batches and ranks, "
             "normalised as algorithm.loss_aggregation says, averaged over the step's optimizer steps",
     "grad_norm": "global gradient norm before clipping, as reported by DeepSpeed (mean over the step's optimizer steps)",
@@ -50,14 +66,20 @@ METRICS: dict[str, str] = {
 
 
 def glossary_key(key: str) -> str:
-    """The METRICS entry that defines ``key`` (``reward/accuracy`` -> ``reward/<name>``)."""
+    """The METRICS entry that defines ``key``: ``key`` itself, or for a per-reward key its
+    ``<name>`` entry (``reward/accuracy`` -> ``reward/<name>``). KeyError for any other key."""
     if key in METRICS:
         return key
-    prefix = key.split("/", 1)[0]
-    for pattern in (f"{prefix}/<name>", f"{prefix}/<other>"):
-        if pattern in METRICS:
-            return pattern
+    prefix, sep, _ = key.partition("/")
+    if sep and f"{prefix}/<name>" in METRICS:
+        return f"{prefix}/<name>"
     raise KeyError(f"metric '{key}' is not defined in aapo_app.metrics.METRICS")
+
+
+def algorithm_metrics(*names: str) -> dict[str, str]:
+    """``{name: definition}`` of the ``algo/<name>`` metrics, for an ``Algorithm.metrics`` table: an
+    algorithm declares which keys it logs, and their meaning is the one defined here."""
+    return {name: METRICS[f"algo/{name}"] for name in names}
 
 
 SUMMED = {"rollout_tokens", "update_tokens"}

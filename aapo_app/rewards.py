@@ -1,7 +1,8 @@
 """Reward functions, chosen by name, and their weighted sum r = sum_k w_k R_k.
 
 Every reward is a class registered under its name with ``@register_reward``; ``REWARDS`` is the only
-place names are looked up. A reward is called as ``reward(completions, answers, lengths)`` with N
+place names are looked up. A reward registered with ``kind="format"`` checks the completion's form;
+:func:`format_reward` picks the one whose rate is logged as ``format_rate``. A reward is called as ``reward(completions, answers, lengths)`` with N
 completions, their N gold answers and their N lengths in tokens, and returns N floats.
 
 :class:`RewardModel` turns a config's ``rewards.weights`` into one scorer::
@@ -29,7 +30,7 @@ import math
 import numbers
 import re
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,20 +41,36 @@ from aapo_app.grader import Grader, GradeResult
 
 REWARDS: dict[str, type] = {}
 
+#: What a reward's ``kind`` may be (None: no particular kind). A ``"format"`` reward scores the
+#: completion's form (1 = well-formed); the trainer logs its rate as ``format_rate``.
+REWARD_KINDS = ("format",)
 
-def register_reward(name: str) -> Callable[[type], type]:
-    """Class decorator: make the reward available as ``name`` in ``rewards.weights``."""
+
+def register_reward(name: str, kind: str | None = None) -> Callable[[type], type]:
+    """Class decorator: make the reward available as ``name`` in ``rewards.weights``, of ``kind``
+    (one of :data:`REWARD_KINDS`, or None)."""
+    if kind is not None and kind not in REWARD_KINDS:
+        raise ValueError(f"reward kind must be one of {', '.join(REWARD_KINDS)} or None (got {kind!r})")
 
     def decorator(cls: type) -> type:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered by {REWARDS[name].__name__}")
         cls.name = name
+        cls.kind = kind
         if "Params" in cls.__dict__ and cls.Params is not None:
             cls.Params.reward_name = name
         REWARDS[name] = cls
         return cls
 
     return decorator
+
+
+def format_reward(names: Iterable[str]) -> str | None:
+    """The reward of kind ``"format"`` among ``names`` (e.g. ``rewards.weights``) whose rate is
+    logged as ``format_rate``: the first one in registration order (the built-ins ``boxed_format``,
+    ``format``, ``tag_format``, then plugins'), or None when no format reward is among them."""
+    names = set(names)
+    return next((name for name, cls in REWARDS.items() if cls.kind == "format" and name in names), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +165,7 @@ class Reward:
     """
 
     name: str = ""
+    kind: str | None = None  # set by @register_reward
     needs_grader: bool = False
     Params: ClassVar[type[RewardParams] | None] = None
 
@@ -317,7 +335,7 @@ def _has_boxed_answer(text: str) -> bool:
     return False
 
 
-@register_reward("boxed_format")
+@register_reward("boxed_format", kind="format")
 class BoxedFormatReward(Reward):
     """R = 1.0 if the completion contains ``\\boxed{...}`` whose argument is non-empty (not just
     whitespace) and closes with balanced braces, else 0.0.
@@ -330,7 +348,7 @@ class BoxedFormatReward(Reward):
         return [1.0 if _has_boxed_answer(c) else 0.0 for c in completions]
 
 
-@register_reward("format")
+@register_reward("format", kind="format")
 class ThinkFormatReward(Reward):
     """R = 1.0 if the completion contains ``"\\n</think>\\n"`` exactly once, else 0.0 (open-rs; the
     prompt already opens ``<think>``)."""
@@ -342,7 +360,7 @@ class ThinkFormatReward(Reward):
 _TAG_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL)
 
 
-@register_reward("tag_format")
+@register_reward("tag_format", kind="format")
 class TagFormatReward(Reward):
     """R = 1.0 if the whole completion matches
     ``^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$`` (re.DOTALL, fullmatch), else 0.0."""

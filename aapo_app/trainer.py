@@ -31,16 +31,10 @@ from aapo_app.errors import AapoError
 from aapo_app.generation import Sampling, encode_prompts
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
 from aapo_app.resampling import resample
-from aapo_app.rewards import run_reward_model
+from aapo_app.rewards import format_reward, run_reward_model
 from aapo_app.rollout import Rollout
 from aapo_app.scoring import score
 from aapo_app.update import update
-
-FORMAT_REWARDS = ("boxed_format", "format", "tag_format")
-
-
-def _format_key(names) -> str | None:
-    return next((n for n in FORMAT_REWARDS if n in names), None)
 
 
 def reduce_metrics(local: dict[str, float]) -> dict[str, float]:
@@ -78,7 +72,7 @@ class Trainer:
         self.prompts = PromptStyle(self.tokenizer, cfg.data)
         check_prompt_lengths(self.tokenizer, files.max_positions, cfg, self.train_examples, self.eval_examples)
         self.rewards = run_reward_model(cfg.rewards)
-        self.format_key = _format_key(self.rewards.weights)
+        self.format_key = format_reward(self.rewards.weights)
         self.eval_rewards = {name: self.rewards.rewards[name] for name in ("accuracy", self.format_key) if name}
 
         # rank 0 locks (and creates) the run directory; a failure there must stop every rank, not leave them waiting

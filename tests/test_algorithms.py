@@ -4,6 +4,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from aapo_app.algorithms import (
     step_metrics,
     weighted_token_sum,
 )
-from aapo_app.algorithms.base import AGGREGATION_MODES, PolicyRatioParams
+from aapo_app.algorithms.base import AGGREGATION_MODES, AGGREGATIONS, PolicyRatioParams
 from aapo_app.errors import AapoError
 
 T, F = True, False
@@ -220,6 +221,7 @@ MODES_AND_CONSTANTS = [(mode, 4.0 if mode == "constant" else None) for mode in A
 
 def test_aggregation_modes():
     assert AGGREGATION_MODES == ("group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean")
+    assert tuple(AGGREGATIONS) == AGGREGATION_MODES  # every mode is described
 
 
 def test_step_counts():
@@ -674,7 +676,7 @@ def test_unknown_algorithm_name():
         ("aapo", {"delta_low": float("nan")}, "algorithm.delta_low must be a finite number (got nan)"),
         ("grpo", {"epsilon": 1.5}, "algorithm.epsilon must be in (0, 1) (got 1.5)"),
         ("grpo", {"beta": -0.04}, "algorithm.beta must be >= 0 (got -0.04)"),
-        ("gpg", {"f_norm": "max"}, "algorithm.f_norm must be 'std' or 'one' (got 'max')"),
+        ("gpg", {"f_norm": "max"}, "algorithm.f_norm must be one of std, one (got 'max')"),
     ],
 )
 def test_invalid_params_name_the_field(name, kwargs, message):
@@ -789,6 +791,16 @@ def test_metrics_define_every_logged_key(name, kwargs):
     else:  # AAPO, GPG
         assert "logprob_mean" in logged
     assert ("kl_mean" in logged) == algo.uses_reference_logprobs
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_declared_metrics_are_the_glossarys(name):
+    # every key an algorithm declares is logged as algo/<key> and means what metrics.METRICS says
+    from aapo_app.metrics import METRICS, glossary_key
+
+    for key, text in ALGORITHMS[name].metrics.items():
+        assert glossary_key(f"algo/{key}") == f"algo/{key}", key  # its own entry, no wildcard
+        assert text == METRICS[f"algo/{key}"], key
 
 
 def test_algorithms_do_not_import_deepspeed():
@@ -950,7 +962,7 @@ def test_dapo_keep_mask():
 
 
 def test_dapo_is_a_clipped_pg_algorithm_without_kl():
-    from aapo_app.algorithms.grpo import ClippedPGKLAlgorithm
+    from aapo_app.algorithms.clipped_pg import ClippedPGKLAlgorithm
 
     algo = build_algorithm("dapo")
     assert isinstance(algo, ClippedPGKLAlgorithm)
@@ -1076,7 +1088,7 @@ def test_build_dr_grpo_and_dapo():
         ("dapo", {"epsilon_high": float("inf")}, "algorithm.epsilon_high must be a finite number (got inf)"),
         ("dapo", {"eps": -1e-4}, "algorithm.eps must be >= 0 (got -0.0001)"),
         ("dapo", {"dynamic_sampling": "yes"}, "algorithm.dynamic_sampling must be true or false (got 'yes')"),
-        ("dapo", {"keep_groups_by": "std"}, "algorithm.keep_groups_by must be 'accuracy' or 'reward' (got 'std')"),
+        ("dapo", {"keep_groups_by": "std"}, "algorithm.keep_groups_by must be one of accuracy, reward (got 'std')"),
         ("dapo", {"max_resample_tries": -1}, "algorithm.max_resample_tries must be an integer >= 0 (got -1)"),
         ("dapo", {"max_resample_tries": 2.5}, "algorithm.max_resample_tries must be an integer >= 0 (got 2.5)"),
         ("dapo", {"max_resample_tries": True}, "algorithm.max_resample_tries must be an integer >= 0 (got True)"),
@@ -1089,11 +1101,44 @@ def test_dr_grpo_and_dapo_invalid_params_name_the_field(name, kwargs, message):
     assert str(err.value) == message
 
 
+LITERAL_FIELDS = [
+    (name, f.name, typing.get_args(tp))
+    for name in sorted(ALGORITHMS)
+    for f in dataclasses.fields(ALGORITHMS[name].Params)
+    if typing.get_origin(tp := typing.get_type_hints(ALGORITHMS[name].Params)[f.name]) is typing.Literal
+]
+
+
+def test_string_choices_are_literal_fields():
+    assert {(name, field) for name, field, _ in LITERAL_FIELDS} == {
+        *((name, "loss_aggregation") for name in ALGORITHMS),
+        ("gpg", "f_norm"), ("gpg", "keep_groups_by"), ("dapo", "keep_groups_by"),
+    }
+    for name, field, choices in LITERAL_FIELDS:
+        if field == "loss_aggregation":
+            assert choices == AGGREGATION_MODES
+        for choice in choices:
+            build_algorithm(name, algorithm_params_class(name)(**{field: choice}))
+
+
+@pytest.mark.parametrize("name,field,choices", LITERAL_FIELDS)
+def test_literal_fields_are_validated_in_one_line_when_built_and_when_loaded(name, field, choices):
+    from aapo_app.config import load_run_config
+
+    message = f"algorithm.{field} must be one of {', '.join(choices)} (got 'nope')"
+    with pytest.raises(AapoError) as err:
+        build_algorithm(name, algorithm_params_class(name)(**{field: "nope"}))
+    assert str(err.value) == message
+    with pytest.raises(AapoError) as err:
+        load_run_config(None, [f"algorithm.name={name}", f"algorithm.{field}=nope"])
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("name,params,message", [
     ("grpo", {"num_iterations": 0}, "algorithm.num_iterations must be an integer >= 1 (got 0)"),
     ("gpg", {"min_valid_frac": 0.0}, "algorithm.min_valid_frac must be in (0, 1] (got 0.0)"),
     ("gpg", {"max_regenerate_tries": -1}, "algorithm.max_regenerate_tries must be an integer >= 0 (got -1)"),
-    ("gpg", {"keep_groups_by": None}, "algorithm.keep_groups_by must be 'accuracy' or 'reward' (got None)"),
+    ("gpg", {"keep_groups_by": None}, "algorithm.keep_groups_by must be one of accuracy, reward (got None)"),
 ])
 def test_iteration_and_regeneration_params_are_validated(name, params, message):
     with pytest.raises(AapoError) as err:

@@ -123,6 +123,20 @@ def test_end_to_end_real_smollm2(tmp_path, smollm2_dir):
     assert torch.equal(a, b)
 
 
+def test_glossary_has_no_wildcard_for_algorithm_metrics_and_plot_panels_are_defined():
+    from aapo_app.metrics import METRICS, glossary_key
+    from aapo_app.plot import PANELS
+
+    assert glossary_key("reward/cosine") == "reward/<name>"
+    with pytest.raises(KeyError, match="algo/undefined"):
+        glossary_key("algo/undefined")
+    assert not [key for key in METRICS if key.startswith("algo/<")]
+    keys = [key for key, _ in PANELS]
+    assert len(set(keys)) == len(keys)
+    for key in keys:  # one panel, one defined metric
+        assert glossary_key(key) == key
+
+
 def test_existing_run_directory_is_not_touched(tmp_path):
     run_dir = tmp_path / "old-run"
     run_dir.mkdir()

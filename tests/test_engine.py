@@ -166,6 +166,9 @@ def test_baselines_run(tiny_model_dir, tmp_path, name, extra):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     last = last_metrics(trainer)
     assert "ref_reward/mean" not in last
+    for key in last:
+        glossary_key(key)  # raises if a logged key is not defined in metrics.METRICS
+    assert {key[len("algo/"):] for key in last if key.startswith("algo/")} <= set(trainer.algorithm.metrics)
 
 
 def test_deepspeed_hybrid_engine_is_refused_where_its_kernels_cannot_run(smollm2_dir):

@@ -10,6 +10,7 @@ from aapo_app.rewards import (
     OverlongReward,
     RewardModel,
     build_reward_params,
+    format_reward,
     register_reward,
     reward_params_help,
 )
@@ -117,6 +118,18 @@ def test_duplicate_registration_is_refused():
         @register_reward("format")
         class Again:
             pass
+
+
+def test_format_reward_is_the_first_registered_format_kind_configured():
+    assert {name for name, cls in REWARDS.items() if cls.kind == "format"} >= {"boxed_format", "format", "tag_format"}
+    assert REWARDS["accuracy"].kind is None and REWARDS["cosine"].kind is None
+    assert format_reward({"accuracy": 1.0, "boxed_format": 0.5}) == "boxed_format"
+    assert format_reward(["tag_format", "accuracy", "format"]) == "format"  # registration order, not config order
+    assert format_reward(["tag_format"]) == "tag_format"
+    assert format_reward({"accuracy": 1.0, "cosine": 1.0}) is None
+    with pytest.raises(ValueError, match="reward kind must be one of format"):
+        register_reward("test_kind", kind="style")
+    assert "test_kind" not in REWARDS
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,30 +45,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
-    Algorithm,
+    AggregationMode,
     AlgorithmParams,
-    LossOutput,
     check_rewards,
-    check_token_batch,
-    masked_sum,
     require_bool,
     require_non_negative,
     require_number,
-    weighted_token_sum,
-    zero_where_masked,
 )
-from aapo_app.algorithms.grpo import group_advantages, zero_std_groups
+from aapo_app.algorithms.common import group_advantages, zero_std_groups
+from aapo_app.algorithms.cross_entropy_pg import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
+from aapo_app.algorithms.registry import register_algorithm
 from aapo_app.errors import AapoError
-
-#: Definitions of the stats returned by :func:`pg_cross_entropy_loss` (shared by AAPO and GPG).
-CE_LOSS_METRICS = {
-    "loss": "the update's objective: the loss of the optimizer step over all its micro-batches and ranks",
-    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
-    "logprob_mean": "mean log π_θ of the counted completion tokens (minus the per-token cross-entropy)",
-}
+from aapo_app.metrics import algorithm_metrics
 
 
 def aapo_advantages(
@@ -126,55 +116,11 @@ def aapo_advantages(
     return advantages, diagnostics
 
 
-def pg_cross_entropy_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor) -> LossOutput:
-    """The CE policy-gradient loss ``Σ_i w_i Σ_t −log π_θ(o_i,t) · A_i``: with the weights of
-    ``group_token_mean`` (``w_i = 1/(K · N_g)``) this micro-batch's share of AAPO's eq. 4.
-
-    Its gradient w.r.t. ``logprobs[i, t]`` is ``−w_i A_i`` on counted tokens and 0 on the others.
-    ``advantages`` and ``weights`` are detached.
-
-    Args:
-        logprobs: ``[n, L]`` log π_θ of each completion token (with grad).
-        mask: ``[n, L]`` bool, True = token counts.
-        advantages: ``[n]`` one advantage per sequence.
-        weights: ``[n]`` token weight of each sequence (:func:`~aapo_app.algorithms.base.sequence_weights`).
-
-    Returns:
-        :class:`LossOutput` with stats (sums) ``loss``, ``num_tokens``, ``logprob_sum``.
-    """
-    check_token_batch(logprobs, mask, advantages)
-    logprobs = zero_where_masked(logprobs, mask)  # [n, L]
-    per_token = -logprobs * advantages.detach().to(logprobs.dtype)[:, None]  # [n, L]
-    loss = weighted_token_sum(per_token, mask, weights)
-    stats = {
-        "loss": float(loss.detach()),
-        "num_tokens": float(mask.sum()),
-        "logprob_sum": masked_sum(logprobs, mask),
-    }
-    return LossOutput(loss=loss, stats=stats)
-
-
-class CrossEntropyPGAlgorithm(Algorithm):
-    """Base of the algorithms whose loss is the plain CE policy gradient (AAPO, GPG): no ratio, no KL."""
-
-    def loss(
-        self,
-        logprobs: Tensor,
-        mask: Tensor,
-        advantages: Tensor,
-        weights: Tensor,
-        old_logprobs: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
-    ) -> LossOutput:
-        # No ratio and no KL: old_logprobs and ref_logprobs are not read.
-        return pg_cross_entropy_loss(logprobs, mask, advantages, weights)
-
-
 @dataclass
 class AAPOParams(AlgorithmParams):
     """Parameters of AAPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="group_token_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS): "
                           "'group_token_mean' is the paper's Definition (each group over its own token count, mean "
@@ -210,12 +156,8 @@ class AAPO(CrossEntropyPGAlgorithm):
     Params = AAPOParams
     uses_reference_samples = True
     metrics = {
-        "zero_std_group_frac": "fraction of prompts whose G policy rewards are all equal (group term 0)",
-        "momentum_clip_low_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_low (r − r_ref < δ_low); 0 when clip is off",
-        "momentum_clip_high_frac": "fraction of samples whose momentum r − r_ref was clipped at δ_high (r − r_ref > δ_high); 0 when clip is off",
-        "group_term_mean": "mean over samples of the group term (r − mean)/(std + ε)",
-        "group_term_std": "population std over samples of the group term",
-        "momentum_mean": "mean over samples of the (clipped) momentum term clip(r − r_ref, δ_low, δ_high)",
+        **algorithm_metrics("zero_std_group_frac", "momentum_clip_low_frac", "momentum_clip_high_frac",
+                            "group_term_mean", "group_term_std", "momentum_mean"),
         **CE_LOSS_METRICS,
     }
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -50,6 +51,10 @@ class AdvantageOutput:
     parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [P, G] terms that sum to advantages
 
 
+#: Which groups carry signal: by the accuracy (0 < #correct < G) or by the weighted rewards.
+Signal = Literal["accuracy", "reward"]
+
+
 @dataclass(frozen=True)
 class Resampling:
     """Dynamic sampling / regeneration: which groups count as carrying signal, and how hard to try.
@@ -63,17 +68,7 @@ class Resampling:
 
     max_extra_rounds: int
     min_kept_fraction: float
-    signal: str = "accuracy"
-
-
-SIGNALS = ("accuracy", "reward")
-
-
-def check_signal(field: str, value: object) -> str:
-    """``value`` if it is one of :data:`SIGNALS`, else :class:`AapoError` naming ``algorithm.<field>``."""
-    if value not in SIGNALS:
-        raise AapoError(f"algorithm.{field} must be 'accuracy' or 'reward' (got {value!r})")
-    return value
+    signal: Signal = "accuracy"
 
 
 @dataclass
@@ -94,8 +89,12 @@ class LossOutput:
 # ----------------------------------------------------------------------------------------------
 # Loss normalisation over the optimizer step: the one place that owns it
 
-#: ``algorithm.loss_aggregation`` choices → what the objective of one optimizer step is. ``ℓ_it`` is
-#: the per-token loss of token t of sequence i, ``|o_i|`` its counted tokens; "the step" is every
+#: ``algorithm.loss_aggregation``: how per-token losses are normalised over the optimizer step.
+AggregationMode = Literal["group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean"]
+AGGREGATION_MODES: tuple[str, ...] = typing.get_args(AggregationMode)
+
+#: Each :data:`AggregationMode` → what the objective of one optimizer step is. ``ℓ_it`` is the
+#: per-token loss of token t of sequence i, ``|o_i|`` its counted tokens; "the step" is every
 #: sequence of one optimizer step on every data-parallel rank (all its micro-batches).
 AGGREGATIONS: dict[str, str] = {
     "group_token_mean": "each prompt group's token mean (1/N_g) Σ_{i∈g} Σ_t ℓ_it with N_g = Σ_{i∈g} |o_i|, "
@@ -106,7 +105,6 @@ AGGREGATIONS: dict[str, str] = {
     "micro_batch_token_mean": "the token mean of each micro-batch, averaged over the micro-batches of all ranks: "
                               "depends on train.micro_batch_size (what the AAPO authors' TRL-based code computes)",
 }
-AGGREGATION_MODES: tuple[str, ...] = tuple(AGGREGATIONS)
 
 
 @dataclass(frozen=True)
@@ -234,10 +232,11 @@ def step_metrics(totals: dict[str, float], optimizer_steps: int) -> dict[str, fl
 @dataclass
 class AlgorithmParams:
     """Base of every algorithm's ``Params``: a dataclass whose fields all have defaults and a
-    ``metadata={"help": ...}`` string. :meth:`validate` raises :class:`AapoError` naming the field
-    as ``algorithm.<field>`` and saying how to fix it."""
+    ``metadata={"help": ...}`` string; a field with a fixed set of string choices is typed
+    ``Literal``. :meth:`validate` raises :class:`AapoError` naming the field as
+    ``algorithm.<field>`` and saying how to fix it."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="group_token_mean",
         metadata={"help": "How per-token losses are normalised over the optimizer step: "
                           + "; ".join(f"'{k}': {v}" for k, v in AGGREGATIONS.items())},
@@ -254,10 +253,19 @@ class AlgorithmParams:
         return mini_batches * iterations
 
     def validate(self) -> None:
-        """Raise :class:`AapoError` if a value is invalid. Subclasses call ``super().validate()``."""
-        if self.loss_aggregation not in AGGREGATIONS:
-            raise AapoError(f"algorithm.loss_aggregation must be one of {', '.join(AGGREGATION_MODES)} "
-                            f"(got {self.loss_aggregation!r})")
+        """Raise :class:`AapoError` if a value is invalid; here, a ``Literal`` field whose value is
+        not one of its choices. Subclasses call ``super().validate()`` first."""
+        for name, tp in typing.get_type_hints(type(self)).items():
+            if typing.get_origin(tp) is Literal:
+                require_choice(name, getattr(self, name), typing.get_args(tp))
+
+
+def require_choice(field: str, value: object, choices: tuple) -> object:
+    """``value`` itself, or :class:`AapoError` if it is not one of ``choices`` (of their type), in
+    the words of the config loader's check of ``Literal`` fields."""
+    if value in choices and type(value) is type(choices[0]):
+        return value
+    raise AapoError(f"algorithm.{field} must be one of {', '.join(str(c) for c in choices)} (got {value!r})")
 
 
 def require_int(field: str, value: object, minimum: int) -> int:
@@ -385,7 +393,9 @@ class Algorithm(abc.ABC):
         Params: the dataclass of this algorithm's parameters (``algorithm.<field>`` in the config).
         uses_reference_samples: True if the rollout must also sample a group of G completions from
             the frozen reference model and score them (``ref_rewards`` in :meth:`advantages`).
-        metrics: every key this algorithm logs (diagnostics and stats) → its definition.
+        metrics: every key this algorithm logs (diagnostics and stats) → its definition; the trainer
+            logs each as ``algo/<key>``, defined once in ``aapo_app.metrics.METRICS`` (build the
+            table with ``aapo_app.metrics.algorithm_metrics``).
     """
 
     name: ClassVar[str] = ""

@@ -55,19 +55,20 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
+    AggregationMode,
     PolicyRatioParams,
     Resampling,
+    Signal,
     check_rewards,
-    check_signal,
     require_bool,
     require_int,
     require_non_negative,
 )
-from aapo_app.algorithms.grpo import (CLIPPED_PG_METRICS, ClippedPGKLAlgorithm, check_epsilon, group_advantages,
-                                      zero_std_groups)
+from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
+from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
+from aapo_app.algorithms.registry import register_algorithm
 
 
 def dapo_keep_mask(values: Tensor) -> Tensor:
@@ -86,7 +87,7 @@ def dapo_keep_mask(values: Tensor) -> Tensor:
 class DAPOParams(PolicyRatioParams):
     """Parameters of DAPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="token_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "DAPO's paper: 'token_mean' over every completion token of the step"},
@@ -109,7 +110,7 @@ class DAPOParams(PolicyRatioParams):
         metadata={"help": "Drop groups without signal (see keep_groups_by) and refill the batch with new rollouts "
                           "(the paper's setting)."},
     )
-    keep_groups_by: str = field(
+    keep_groups_by: Signal = field(
         default="accuracy",
         metadata={"help": "Which groups dynamic sampling keeps: 'accuracy' (0 < #correct < G, the paper's rule) or "
                           "'reward' (weighted rewards not all equal)."},
@@ -125,7 +126,6 @@ class DAPOParams(PolicyRatioParams):
         check_epsilon("epsilon_high", self.epsilon_high, upper=None)
         require_non_negative("eps", self.eps)
         require_bool("dynamic_sampling", self.dynamic_sampling)
-        check_signal("keep_groups_by", self.keep_groups_by)
         require_int("max_resample_tries", self.max_resample_tries, 0)
 
 

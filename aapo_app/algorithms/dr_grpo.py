@@ -13,7 +13,7 @@ with ε = 0.2, β = 0 by default, and L_max = ``max_completion_length`` (the rol
 tokens). The paper removes GRPO's two normalisations that bias the optimisation: the per-response
 1/|o_i| (which shrinks the penalty on long wrong answers and so favours longer ones) and the group
 std (which up-weights prompts that are nearly always right or nearly always wrong). The k3 KL term
-is as in GRPO (:func:`aapo_app.algorithms.grpo.k3_kl`) and is aggregated the same way as the
+is as in GRPO (:func:`aapo_app.algorithms.common.k3_kl`) and is aggregated the same way as the
 policy term; β = 0 drops it and the need for reference log-probs.
 
 Aggregation (``loss_aggregation=constant``): every token of the optimizer step weighs
@@ -42,17 +42,18 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
-from aapo_app.algorithms.base import AdvantageOutput, PolicyRatioParams, check_rewards, require_non_negative
-from aapo_app.algorithms.grpo import (CLIPPED_PG_METRICS, ClippedPGKLAlgorithm, check_epsilon, group_advantages,
-                                      zero_std_groups)
+from aapo_app.algorithms.base import (AdvantageOutput, AggregationMode, PolicyRatioParams, check_rewards,
+                                     require_non_negative)
+from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
+from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
+from aapo_app.algorithms.registry import register_algorithm
 
 
 @dataclass
 class DrGRPOParams(PolicyRatioParams):
     """Parameters of Dr. GRPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="constant",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "Dr. GRPO's paper: 'constant', token sums over rollout.max_new_tokens, mean over sequences"},

@@ -31,31 +31,35 @@ Departures from the authors' code (AMAP-ML GPG, built on open-r1/TRL):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
-from aapo_app.algorithms.aapo import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
 from aapo_app.algorithms.base import (
     AdvantageOutput,
+    AggregationMode,
     AlgorithmParams,
     Resampling,
+    Signal,
     check_rewards,
-    check_signal,
     require_bool,
     require_int,
     require_number,
     require_non_negative,
 )
-from aapo_app.algorithms.grpo import group_advantages, zero_std_groups
+from aapo_app.algorithms.common import group_advantages, zero_std_groups
+from aapo_app.algorithms.cross_entropy_pg import CE_LOSS_METRICS, CrossEntropyPGAlgorithm
+from aapo_app.algorithms.registry import register_algorithm
 from aapo_app.errors import AapoError
+from aapo_app.metrics import algorithm_metrics
 
-F_NORMS = ("std", "one")
+#: The advantage denominator F_norm: the group std + eps, or 1.
+FNorm = Literal["std", "one"]
+F_NORMS: tuple[str, ...] = get_args(FNorm)
 
 
 def gpg_advantages(
-    rewards: Tensor, f_norm: Literal["std", "one"] = "std", eps: float = 1e-4
+    rewards: Tensor, f_norm: FNorm = "std", eps: float = 1e-4
 ) -> tuple[Tensor, dict[str, float]]:
     """GPG advantages ``(r − mean) / F_norm / α``.
 
@@ -87,13 +91,13 @@ def gpg_advantages(
 class GPGParams(AlgorithmParams):
     """Parameters of GPG (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="group_token_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "default as AAPO's: each group over its own token count, mean over groups"},
     )
 
-    f_norm: str = field(
+    f_norm: FNorm = field(
         default="std",
         metadata={"help": "Advantage denominator F_norm: 'std' (group std + eps) or 'one' (no scaling)."},
     )
@@ -103,7 +107,7 @@ class GPGParams(AlgorithmParams):
         metadata={"help": "Sample more prompts until at least min_valid_frac of the groups carry signal "
                           "(see keep_groups_by)."},
     )
-    keep_groups_by: str = field(
+    keep_groups_by: Signal = field(
         default="accuracy",
         metadata={"help": "Which groups count as carrying signal for regeneration: 'accuracy' (0 < #correct < G) or "
                           "'reward' (weighted rewards not all equal, the GPG paper's std > 0)."},
@@ -117,13 +121,10 @@ class GPGParams(AlgorithmParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.f_norm not in F_NORMS:
-            raise AapoError(f"algorithm.f_norm must be 'std' or 'one' (got {self.f_norm!r})")
         require_non_negative("eps", self.eps)
         require_bool("regenerate", self.regenerate)
         if not 0 < require_number("min_valid_frac", self.min_valid_frac) <= 1:
             raise AapoError(f"algorithm.min_valid_frac must be in (0, 1] (got {self.min_valid_frac!r})")
-        check_signal("keep_groups_by", self.keep_groups_by)
         require_int("max_regenerate_tries", self.max_regenerate_tries, 0)
 
 
@@ -134,11 +135,7 @@ class GPG(CrossEntropyPGAlgorithm):
     name = "gpg"
     Params = GPGParams
     uses_reference_samples = False
-    metrics = {
-        "alpha": "fraction of samples in groups whose rewards are not all equal; advantages are divided by it",
-        "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-        **CE_LOSS_METRICS,
-    }
+    metrics = {**algorithm_metrics("alpha", "zero_std_group_frac"), **CE_LOSS_METRICS}
 
     params: GPGParams
 

@@ -18,8 +18,8 @@ taken against π_old, the policy that sampled the rollout. The default, one mini
 DeepSeekMath's and TRL's (ρ = 1 and the clipping never acts). The mean over sequences is over the
 whole optimizer step on every rank, whatever ``train.micro_batch_size`` is.
 
-This module also holds the pieces other algorithms share: :func:`group_advantages` (AAPO's group
-term, GPG's (r − mean)/F_norm), :func:`zero_std_groups`, :func:`ppo_clip_loss` and :func:`k3_kl`.
+The loss is :class:`~aapo_app.algorithms.clipped_pg.ClippedPGKLAlgorithm`'s, the advantage
+:func:`~aapo_app.algorithms.common.group_advantages`.
 
 Departures from the authors' code: the GRPO paper published no training code; the comparison
 implementation is TRL's ``GRPOTrainer``, which this follows for ε = 1e-4 in the denominator, the
@@ -33,145 +33,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from aapo_app.algorithms import register_algorithm
-from aapo_app.algorithms.base import (
-    AdvantageOutput,
-    Algorithm,
-    LossOutput,
-    PolicyRatioParams,
-    check_rewards,
-    check_token_batch,
-    masked_sum,
-    require_non_negative,
-    require_number,
-    weighted_token_sum,
-    zero_where_masked,
-)
-from aapo_app.errors import AapoError
-
-
-def zero_std_groups(rewards: Tensor) -> Tensor:
-    """``[P]`` bool: True for groups whose G rewards are all exactly equal (std = 0).
-
-    Tested by equality rather than ``std == 0`` so float rounding in the std cannot matter.
-    """
-    return (rewards == rewards[:, :1]).all(dim=1)
-
-
-def group_advantages(rewards: Tensor, eps: float = 1e-4, scale_by_std: bool = True) -> Tensor:
-    """Group-relative advantages ``[P, G]``: ``(r − mean) / (std + eps)``, or ``r − mean``.
-
-    ``mean`` and ``std`` are over each row's G samples; ``std`` is ``torch.std`` (unbiased,
-    divides by G − 1). A group whose rewards are all equal gets exactly 0 (never NaN, even with
-    ``eps = 0``).
-
-    Args:
-        rewards: ``[P, G]``, G >= 2.
-        eps: added to the std in the denominator (>= 0).
-        scale_by_std: False gives ``r − mean`` (Dr. GRPO, GPG with F_norm = 1).
-    """
-    rewards = check_rewards(rewards)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0 (got {eps})")
-    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
-    if scale_by_std:
-        std = rewards.std(dim=1, keepdim=True)  # [P, 1], Bessel-corrected
-        centred = centred / (std + eps)
-    flat = zero_std_groups(rewards)[:, None]  # [P, 1]
-    return torch.where(flat, torch.zeros_like(centred), centred)
-
-
-def ppo_clip_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    eps_low: float,
-    eps_high: float,
-) -> tuple[Tensor, Tensor]:
-    """Per-token PPO clipped surrogate loss ``−min(ρ·A, clip(ρ, 1 − eps_low, 1 + eps_high)·A)``.
-
-    Args:
-        logprobs: ``[n, L]`` log π_θ (with grad).
-        old_logprobs: ``[n, L]`` log π_old (no grad).
-        advantages: ``[n]`` one advantage per sequence.
-        mask: ``[n, L]`` bool, True = token counts.
-        eps_low, eps_high: the clip range of the ratio ρ (0.2, 0.2 for PPO/GRPO; 0.2, 0.28 for DAPO).
-
-    Returns:
-        ``(per_token_loss [n, L], clipped [n, L] bool)``. ``per_token_loss`` is 0 where ``mask``
-        is False. ``clipped`` is True on counted tokens where the clipped term is the smaller one,
-        i.e. where the token gets no gradient (ρ > 1 + eps_high with A > 0, or ρ < 1 − eps_low
-        with A < 0).
-    """
-    log_ratio = zero_where_masked(logprobs - zero_where_masked(old_logprobs, mask), mask)  # [n, L]
-    ratio = torch.exp(log_ratio)  # [n, L], 1 at masked positions
-    adv = advantages[:, None].to(logprobs.dtype)  # [n, 1]
-    unclipped = ratio * adv  # [n, L]
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # [n, L]
-    per_token = zero_where_masked(-torch.minimum(unclipped, clipped), mask)
-    is_clipped = mask & (clipped < unclipped)
-    return per_token, is_clipped
-
-
-def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(π_θ ‖ π_ref) (Schulman, "Approximating KL divergence", 2020).
-
-    ``exp(ref − logp) − (ref − logp) − 1``: unbiased for the KL under samples from π_θ, >= 0,
-    exactly 0 where the two log-probs are equal. Elementwise; the caller masks and aggregates.
-    """
-    delta = ref_logprobs - logprobs  # [n, L], log π_ref/π_θ
-    return torch.exp(delta) - delta - 1.0
-
-
-def clipped_pg_kl_loss(logprobs: Tensor, mask: Tensor, advantages: Tensor, weights: Tensor,
-                       old_logprobs: Tensor | None, ref_logprobs: Tensor | None, eps_low: float, eps_high: float,
-                       beta: float) -> LossOutput:
-    """The PPO-clipped policy-gradient loss plus β·k3 KL, weighted per sequence (``weights``, from
-    :func:`~aapo_app.algorithms.base.sequence_weights`): this micro-batch's share of the step
-    objective. Stats (sums, see :func:`~aapo_app.algorithms.base.step_metrics`): loss, pg_loss,
-    num_tokens, ratio_clip_tokens, ratio_clip_low_tokens, ratio_clip_high_tokens, and kl_sum when
-    β > 0 (the reference log-probs are read only then)."""
-    logprobs = zero_where_masked(logprobs, mask)  # [n, L]
-    # One optimizer step per rollout: π_old = π_θ, so ρ = 1 with the gradient of ρ (= ∇ log π_θ).
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    advantages = advantages.detach()
-    pg_per_token, clipped = ppo_clip_loss(logprobs, old, advantages, mask, eps_low, eps_high)
-    per_token = pg_per_token  # [n, L]
-    stats: dict[str, float] = {}
-    if beta > 0:  # only a KL term reads the reference log-probs
-        kl = k3_kl(logprobs, zero_where_masked(ref_logprobs, mask))  # [n, L], 0 where masked
-        per_token = per_token + beta * kl
-        stats["kl_sum"] = masked_sum(kl, mask)
-    loss = weighted_token_sum(per_token, mask, weights)
-    # a clipped token with A > 0 has ρ > 1 + ε_high; one with A < 0 has ρ < 1 − ε_low
-    positive = (advantages > 0)[:, None]  # [n, 1]
-    stats.update(
-        loss=float(loss.detach()),
-        pg_loss=float(weighted_token_sum(pg_per_token.detach(), mask, weights)),
-        num_tokens=float(mask.sum()),
-        ratio_clip_tokens=float(clipped.sum()),
-        ratio_clip_high_tokens=float((clipped & positive).sum()),
-        ratio_clip_low_tokens=float((clipped & ~positive).sum()),
-    )
-    return LossOutput(loss=loss, stats=stats)
-
-
-def check_epsilon(name: str, value: object, upper: float | None = 1.0) -> None:
-    number = require_number(name, value)
-    if not number > 0 or (upper is not None and not number < upper):
-        bound = f"in (0, {upper:g})" if upper is not None else "> 0"
-        raise AapoError(f"algorithm.{name} must be {bound} (got {value!r})")
+from aapo_app.algorithms.base import (AdvantageOutput, AggregationMode, PolicyRatioParams, check_rewards,
+                                     require_non_negative)
+from aapo_app.algorithms.clipped_pg import CLIPPED_PG_METRICS, ClippedPGKLAlgorithm
+from aapo_app.algorithms.common import check_epsilon, group_advantages, zero_std_groups
+from aapo_app.algorithms.registry import register_algorithm
 
 
 @dataclass
 class GRPOParams(PolicyRatioParams):
     """Parameters of GRPO (``algorithm.<field>``)."""
 
-    loss_aggregation: str = field(
+    loss_aggregation: AggregationMode = field(
         default="seq_mean",
         metadata={"help": "loss normalisation over the optimizer step (see aapo_app.algorithms.base.AGGREGATIONS); "
                           "GRPO's paper: 'seq_mean', each sequence's token mean averaged over the sequences"},
@@ -187,59 +62,6 @@ class GRPOParams(PolicyRatioParams):
         check_epsilon("epsilon", self.epsilon)
         require_non_negative("beta", self.beta)
         require_non_negative("eps", self.eps)
-
-
-CLIPPED_PG_METRICS = {
-    "zero_std_group_frac": "fraction of prompts whose G rewards are all equal (advantage 0, no gradient)",
-    "loss": "the update's objective: the loss of each optimizer step (all its micro-batches and ranks), averaged "
-            "over the optimizer steps of the training step",
-    "pg_loss": "the PPO clipped-surrogate part of loss, without the KL term",
-    "kl_mean": "mean k3 KL(π_θ ‖ π_ref) per counted token (logged when β > 0)",
-    "ratio_clip_frac": "fraction of counted tokens (all optimizer steps of the update) whose ratio ρ = π_θ/π_old was "
-                       "clipped: the clipped PPO term is active and the token gets no gradient",
-    "ratio_clip_low_frac": "fraction of counted tokens clipped below: A < 0 and ρ < 1 − ε_low",
-    "ratio_clip_high_frac": "fraction of counted tokens clipped above: A > 0 and ρ > 1 + ε_high",
-    "num_tokens": "counted completion tokens per optimizer step (all ranks)",
-}
-
-
-class ClippedPGKLAlgorithm(Algorithm):
-    """What GRPO, Dr. GRPO and DAPO share: the PPO-clipped ratio to the rollout's log-probs
-    (``clip_range``) plus an optional β·k3 KL to the reference (:func:`clipped_pg_kl_loss`)."""
-
-    label = ""
-
-    @property
-    def beta(self) -> float:
-        return self.params.beta
-
-    def clip_range(self) -> tuple[float, float]:
-        """``(ε_low, ε_high)`` of the ratio."""
-        return self.params.epsilon, self.params.epsilon
-
-    @property
-    def uses_reference_logprobs(self) -> bool:
-        return self.beta > 0
-
-    @property
-    def uses_old_logprobs(self) -> bool:
-        return True
-
-    def loss(
-        self,
-        logprobs: Tensor,
-        mask: Tensor,
-        advantages: Tensor,
-        weights: Tensor,
-        old_logprobs: Tensor | None = None,
-        ref_logprobs: Tensor | None = None,
-    ) -> LossOutput:
-        check_token_batch(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-        if self.beta > 0 and ref_logprobs is None:
-            raise ValueError(f"{self.label} with beta > 0 needs ref_logprobs")
-        eps_low, eps_high = self.clip_range()
-        return clipped_pg_kl_loss(logprobs, mask, advantages, weights, old_logprobs, ref_logprobs,
-                                  eps_low, eps_high, self.beta)
 
 
 @register_algorithm
