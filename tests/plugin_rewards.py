@@ -58,15 +58,17 @@ if "test_fill_disk" not in REWARDS:
     @register_reward("test_fill_disk")
     class FillDiskReward(Reward):
         """0 for every completion; once the run in $AAPO_TEST_RUN has saved checkpoints/step-1, it fills
-        the disk of $AAPO_TEST_FILL (another job filling a shared disk), so that the next save meets a
-        real full disk."""
+        the disk of $AAPO_TEST_FILL once (another job filling a shared disk), so that the next save meets
+        a real full disk."""
 
         def __call__(self, completions, answers, lengths):
             import os
             from pathlib import Path
 
             run, fill = Path(os.environ["AAPO_TEST_RUN"]), Path(os.environ["AAPO_TEST_FILL"])
-            if (run / "checkpoints" / "step-1").is_dir() and not fill.exists():
+            once = fill.with_name(fill.name + ".done")  # only once: not again after the test frees the space
+            if (run / "checkpoints" / "step-1").is_dir() and not once.exists():
+                once.touch()
                 with open(fill, "wb") as f:
                     try:
                         while True:
