@@ -28,6 +28,10 @@ class Samples:
         texts: N decoded completions (special tokens removed, cut at EOS).
         lengths: ``[N]`` completion length in tokens (EOS included).
         truncated: ``[N]`` bool, True when the completion hit max_new_tokens without EOS.
+        sampler_logprobs: ``[N, T_c]`` log-prob of each sampled token under the distribution the
+            sampler drew it from (temperature-scaled, top-k/top-p truncated and renormalised; 0 after
+            the completion), or None when the sampler does not report them. Truncated importance
+            sampling compares them with the trainer's.
     """
 
     sequences: torch.Tensor
@@ -37,6 +41,7 @@ class Samples:
     texts: list[str]
     lengths: torch.Tensor
     truncated: torch.Tensor
+    sampler_logprobs: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -137,6 +142,8 @@ def _pad_samples(s: Samples, prompt_width: int, completion_width: int, pad_id: i
         sequences=widen(s.sequences, pad_id), attention_mask=widen(s.attention_mask, False),
         completion_mask=torch.cat([s.completion_mask, torch.zeros(n, right, dtype=torch.bool)], 1),
         prompt_width=prompt_width, texts=s.texts, lengths=s.lengths, truncated=s.truncated,
+        sampler_logprobs=(torch.nn.functional.pad(s.sampler_logprobs, (0, right)) if s.sampler_logprobs is not None
+                          else None),
     )
 
 
@@ -149,13 +156,16 @@ def _concat_samples(parts: list[Samples], pad_id: int) -> Samples:
         completion_mask=torch.cat([p.completion_mask for p in parts]), prompt_width=width_p,
         texts=[t for p in parts for t in p.texts], lengths=torch.cat([p.lengths for p in parts]),
         truncated=torch.cat([p.truncated for p in parts]),
+        sampler_logprobs=(torch.cat([p.sampler_logprobs for p in parts])
+                          if all(p.sampler_logprobs is not None for p in parts) else None),
     )
 
 
 def _rows(s: Samples, rows: torch.Tensor) -> Samples:
     return Samples(sequences=s.sequences[rows], attention_mask=s.attention_mask[rows],
                    completion_mask=s.completion_mask[rows], prompt_width=s.prompt_width,
-                   texts=[s.texts[i] for i in rows.tolist()], lengths=s.lengths[rows], truncated=s.truncated[rows])
+                   texts=[s.texts[i] for i in rows.tolist()], lengths=s.lengths[rows], truncated=s.truncated[rows],
+                   sampler_logprobs=s.sampler_logprobs[rows] if s.sampler_logprobs is not None else None)
 
 
 def select_groups(picks: list[tuple[RolloutBatch, int]], pad_id: int,

@@ -92,6 +92,14 @@ def _check_machine(cfg, algorithm, here: bool) -> list[str]:
         check_vllm_config(cfg, algorithm)
         machine.append(lambda: check_vllm_machine(cfg.vllm))
     notes = []
+    tis = algorithm.tis_level(off_trainer_sampler=cfg.rollout.backend == "vllm")
+    if tis and cfg.rollout.backend == "vllm" and cfg.vllm.mode == "server":
+        notes.append(f"algorithm.tis={tis}: the policy's `vllm serve` must run with --logprobs-mode processed_logprobs "
+                     f"(vLLM >= 0.10.2) so that it reports the log-probs of the distribution it samples from; the "
+                     f"metric tis/logprob_abs_diff shows a mismatch")
+    if tis and cfg.rollout.sampler == "hf" and cfg.rollout.backend != "vllm":
+        raise AapoError(f"algorithm.tis={tis} needs the sampler's log-probs, which rollout.sampler=hf does not report; "
+                        f"use rollout.sampler=aapo or set algorithm.tis=off")
     for check in machine:
         try:
             check()

@@ -219,6 +219,9 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "most sequences per forward/backward (gradient accumulation splits each optimizer step "
                                   "into micro-batches of at most this many); memory only: the update computed is the same "
                                   "for every value")
+    micro_batch_tokens: int = _f(0, "when > 0, micro-batches hold as many sequences as fit this many padded tokens "
+                                    "(prompt + completion, shortest first) instead of train.micro_batch_size rows, so one "
+                                    "long completion does not set the memory of a whole micro-batch; the update is the same")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     eval_every: int = _f(0, "held-out evaluation every N steps (0 = only before and after training)")
     eval_max_new_tokens: int = _f(40, "completion length limit of the greedy held-out evaluation")
@@ -241,6 +244,9 @@ class TrainConfig:
         _positive("train.log_every", self.log_every)
         if not self.learning_rate > 0:
             raise AapoError(f"train.learning_rate must be > 0 (got {self.learning_rate})")
+        if self.micro_batch_tokens < 0:
+            raise AapoError(f"train.micro_batch_tokens must be >= 0 (0 = micro-batches of train.micro_batch_size rows; "
+                            f"got {self.micro_batch_tokens})")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise AapoError("train.warmup_steps, eval_every, max_grad_norm and weight_decay must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

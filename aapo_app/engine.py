@@ -97,11 +97,20 @@ def device() -> torch.device:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
+    return _all_reduce(values, "SUM")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of each value over the ranks (``-all_reduce_max([-x])`` is the smallest)."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
 
 
@@ -352,13 +361,14 @@ class ZeroModel:
 
     # -- scoring -----------------------------------------------------------------------------
     def completion_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                            prompt_width: int, temperature: float) -> torch.Tensor:
-        """Log-probs ``[n, T_c]`` of the completion tokens under this model at ``temperature``.
+                            prompt_width: int, temperature: float, *, entropy: bool = False):
+        """Log-probs ``[n, T_c]`` of the completion tokens under this model at ``temperature`` (and
+        with ``entropy`` the token entropies, as a pair): :func:`completion_logprobs`.
 
         Runs through the engine (ZeRO-3 gathers per layer), so every rank must call it the same
         number of times. Gradients flow when the engine is trainable and grad mode is on.
         """
-        return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature)
+        return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature, entropy=entropy)
 
 
 def _layer_groups(module: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
@@ -406,26 +416,133 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_width: int, temperature: float) -> torch.Tensor:
-    """Per-token log pi(o_t | q, o_<t) of the completion part of ``sequences``, from logits / T.
+#: completion tokens whose logits exist at once in :func:`completion_logprobs` (fp32: tokens x vocabulary
+#: x 4 bytes, e.g. 256 x 151,936 x 4 = 156 MB in the forward; the backward works on vocabulary blocks)
+LOGITS_CHUNK_TOKENS = 256
+
+
+#: vocabulary rows of the output layer's weight the backward works on at once
+VOCAB_BLOCK = 8192
+
+
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] and the entropy of softmax(h W^T / T), for N rows of hidden
+    states, computed ``chunk`` rows at a time so that no ``[N, V]`` logits tensor ever exists.
+
+    The forward keeps only each row's log-sum-exp (and entropy). The backward goes over the
+    vocabulary in blocks of :data:`VOCAB_BLOCK` rows of W and, inside each, over the chunks of
+    rows, recomputing that block of logits (fp32) and applying the exact gradients
+    d log p_y / dz = onehot(y) - p and d H / dz = -p (log p + H), with z = logits / T: the largest
+    temporaries are ``chunk x VOCAB_BLOCK`` and ``VOCAB_BLOCK x H``, never ``V x H`` besides the
+    weight's own gradient. Logits are computed in the weights' dtype and cast to fp32, as
+    ``lm_head(h).float()`` would; gradients are accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, entropy):
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        ent = hidden.new_zeros(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        for s in range(0, n, chunk):
+            z = _chunk_logits(hidden[s:s + chunk], weight, bias, temperature)  # [c, V] fp32
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            if entropy:  # -sum p log p over log p = z - lse (not lse - sum p z, which cancels in fp32)
+                z -= lse[s:s + chunk, None]
+                ent[s:s + chunk] = -(z.exp() * z).sum(-1)
+            del z
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.temperature, ctx.chunk, ctx.entropy = temperature, chunk, entropy
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        with_entropy = ctx.entropy and g_ent is not None and bool(g_ent.any())
+        n, V = hidden.shape[0], weight.shape[0]
+        d_hidden = hidden.new_zeros(hidden.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        d_bias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for v0 in range(0, V, VOCAB_BLOCK):
+            w = weight[v0:v0 + VOCAB_BLOCK]
+            b = bias[v0:v0 + VOCAB_BLOCK] if bias is not None else None
+            dw = w.new_zeros(w.shape, dtype=torch.float32) if d_weight is not None else None
+            db = w.new_zeros(w.shape[0], dtype=torch.float32) if d_bias is not None else None
+            for s in range(0, n, chunk):
+                h = hidden[s:s + chunk]
+                logp_b = _chunk_logits(h, w, b, T).sub_(lse[s:s + chunk, None])  # [c, block] log p
+                p = logp_b.exp()
+                dz = p * (-g_logp[s:s + chunk, None])
+                t = targets[s:s + chunk] - v0
+                hit = ((t >= 0) & (t < w.shape[0])).nonzero().squeeze(-1)  # rows whose target is in the block
+                dz[hit, t[hit]] += g_logp[s:s + chunk][hit]
+                if with_entropy:
+                    dz -= g_ent[s:s + chunk, None] * p * (logp_b + ent[s:s + chunk, None])
+                del logp_b, p
+                d_raw = (dz / T).to(weight.dtype)  # the gradient of lm_head's output in its own dtype
+                if d_hidden is not None:
+                    d_hidden[s:s + chunk] += (d_raw @ w).float()
+                if dw is not None:
+                    dw += (d_raw.t() @ h).float()
+                if db is not None:
+                    db += d_raw.float().sum(0)
+            if d_weight is not None:
+                d_weight[v0:v0 + VOCAB_BLOCK] = dw.to(weight.dtype)
+            if d_bias is not None:
+                d_bias[v0:v0 + VOCAB_BLOCK] = db.to(bias.dtype)
+        if d_hidden is not None:
+            d_hidden = d_hidden.to(hidden.dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+def _chunk_logits(h, weight, bias, temperature):
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.float() / temperature
+
+
+@contextlib.contextmanager
+def _head_computes_logprobs(model, targets: torch.Tensor, valid: torch.Tensor, temperature: float, chunk: int,
+                            entropy: bool):
+    """While the model runs, its output layer (``lm_head``) returns ``[n, T_c, 2]`` (log-prob of the
+    target, entropy) for the completion positions instead of ``[n, T_c + 1, V]`` logits. The layer is
+    still called once, as a module, so ZeRO-3 gathers its weight for the forward and again for the
+    backward as it does for any layer."""
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def forward(hidden):  # [n, T_c + 1, H]: position t predicts completion token t
+        hidden = hidden[:, :-1, :]
+        out = hidden.new_zeros(*targets.shape, 2, dtype=torch.float32)
+        logp, ent = _ChunkedHeadLogprobs.apply(hidden[valid], head.weight, head.bias, targets[valid],
+                                               float(temperature), chunk, entropy)
+        return out.index_put((valid,), torch.stack([logp, ent], dim=-1))
+
+    head.forward = forward  # an instance attribute: shadows the class's forward for this call only
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                        temperature: float, *, entropy: bool = False, chunk: int = LOGITS_CHUNK_TOKENS):
+    """Per-token log pi(o_t | q, o_<t) ``[n, T_c]`` of the completion part of ``sequences`` (0 where the
+    completion is padding), from logits / T; with ``entropy``, also the entropy of pi(. | q, o_<t)
+    ``[n, T_c]``, returned as a pair.
 
     ``sequences`` is ``[n, T]`` = left-padded prompt (width ``prompt_width``) + completion. Position
     ids follow the attention mask, as in ``generate``, so left padding does not shift positions.
-    """
+    The output layer works on ``chunk`` completion tokens at a time (fp32), so the memory of the
+    logits is ``chunk x V`` instead of ``n x T_c x V``; gradients are exact (see
+    :class:`_ChunkedHeadLogprobs`)."""
     mask = attention_mask.long()
     width_c = sequences.shape[1] - prompt_width
-    out = model(
-        input_ids=sequences,
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        use_cache=False,
-        logits_to_keep=width_c + 1,
-    )
-    logits = out.logits[:, :-1, :]  # [n, T_c, V]: position t predicts token t+1
-    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least
-        logits = logits.float()
-    logits = logits / temperature
     targets = sequences[:, prompt_width:]  # [n, T_c]
-    # log_softmax at the target only: x_target - logsumexp(x), without a [n, T_c, V] log-prob tensor
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    valid = attention_mask[:, prompt_width:].bool()
+    with _head_computes_logprobs(model, targets, valid, temperature, max(int(chunk), 1), entropy):
+        out = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                    logits_to_keep=width_c + 1)
+    result = out.logits  # [n, T_c, 2]
+    return (result[..., 0], result[..., 1]) if entropy else result[..., 0]

@@ -107,8 +107,10 @@ def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool) -> t
 
 
 def finish_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   completion_ids: torch.Tensor, eos_ids: list[int], max_new_tokens: int) -> Samples:
-    """Cut completions ``[N, T_c]`` at the first EOS and build masks, lengths and texts."""
+                   completion_ids: torch.Tensor, eos_ids: list[int], max_new_tokens: int,
+                   sampler_logprobs: torch.Tensor | None = None) -> Samples:
+    """Cut completions ``[N, T_c]`` at the first EOS and build masks, lengths and texts (and keep the
+    sampler's log-prob of each kept token, ``[N, T_c]``, when given)."""
     n, width = completion_ids.shape
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, dtype=completion_ids.dtype))
     has_eos = is_eos.any(dim=1)
@@ -130,6 +132,8 @@ def finish_samples(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         texts=texts,
         lengths=lengths,
         truncated=truncated,
+        sampler_logprobs=(sampler_logprobs[:, :width].float().masked_fill(~completion_mask, 0.0)
+                          if sampler_logprobs is not None else None),
     )
 
 
@@ -152,11 +156,17 @@ def prompt_token_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> l
 
 
 def samples_from_rows(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows, num_samples: int,
-                      eos_ids: list[int], max_new_tokens: int) -> Samples:
-    """Completion rows (prompt-major, ``num_samples`` per prompt; lists or tensors) as :class:`Samples`."""
+                      eos_ids: list[int], max_new_tokens: int, logprob_rows=None) -> Samples:
+    """Completion rows (prompt-major, ``num_samples`` per prompt; lists or tensors) as :class:`Samples`,
+    with the sampler's log-probs of their tokens (rows of the same shapes) when given."""
     completion = pad_rows(rows, tokenizer.pad_token_id, prompt_ids.dtype)
+    logprobs = None
+    if logprob_rows is not None:
+        logprobs = pad_rows(logprob_rows, 0, torch.float32)
+        logprobs = torch.nn.functional.pad(logprobs, (0, completion.shape[1] - logprobs.shape[1]))
     return finish_samples(tokenizer, prompt_ids.repeat_interleave(num_samples, dim=0),
-                          prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens)
+                          prompt_mask.repeat_interleave(num_samples, dim=0), completion, eos_ids, max_new_tokens,
+                          sampler_logprobs=logprobs)
 
 
 # Every ``GenerationConfig`` field that changes which token ``generate`` picks (or how many rows it
@@ -281,18 +291,20 @@ class DeepSpeedGenerator(Generator):
 
         generator = torch.Generator(device=device()).manual_seed(seed)
         per_call = max(1, self.chunk // num_samples) if self.chunk else prompt_ids.shape[0]
-        pieces = []
+        pieces, logprobs = [], []
         for start in range(0, prompt_ids.shape[0], per_call):
             rows = slice(start, start + per_call)
             try:
-                pieces.append(decode(self._module, prompt_ids[rows], prompt_mask[rows], num_samples=num_samples,
+                tokens, lps = decode(self._module, prompt_ids[rows], prompt_mask[rows], num_samples=num_samples,
                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                      top_p=s.top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
-                                     generator=generator).cpu())
+                                     generator=generator, logprobs=True)
             except NonFiniteLogits as exc:
                 raise _non_finite() from exc
+            pieces.append(tokens.cpu())
+            logprobs.append(lps.cpu())
         return samples_from_rows(self.tokenizer, prompt_ids, prompt_mask, pieces, num_samples, self.eos_ids,
-                                 s.max_new_tokens)
+                                 s.max_new_tokens, logprob_rows=logprobs)
 
     @torch.no_grad()
     def _generate(self, ids, mask, s: Sampling, seed: int) -> Samples:

@@ -49,6 +49,20 @@ METRICS: dict[str, str] = {
     "optimizer_steps": "optimizer steps this training step took (algorithm.mini_batches x num_iterations)",
     "skipped_nonfinite": "optimizer steps skipped this step because the loss or gradient was inf/NaN (weights untouched)",
     "completion_len/mean": "mean policy completion length in tokens (EOS included)",
+    "completion_len/min": "shortest policy completion of the step in tokens, over all ranks",
+    "completion_len/max": "longest policy completion of the step in tokens, over all ranks",
+    "completion_len/eos_mean": "mean length in tokens of the policy completions that ended with EOS (not truncated); "
+                               "absent in a step where none did",
+    "tis/ratio_mean": "truncated importance sampling (algorithm.tis): mean of rho = pi_train / pi_sampler over the "
+                      "sampled tokens (or sequences, tis=sequence) of the update, before the cap",
+    "tis/ratio_min": "smallest rho of the update's tokens (or sequences), over all ranks",
+    "tis/ratio_max": "largest rho of the update's tokens (or sequences), over all ranks, before the cap",
+    "tis/cut_frac": "fraction of the update's tokens (or sequences) whose rho was truncated at algorithm.tis_cap "
+                    "(tis_mode=truncate) or dropped outside [1/C, C] (tis_mode=mask)",
+    "tis/logprob_abs_diff": "mean |log pi_train - log pi_sampler| over the update's counted tokens: the sampler "
+                            "mismatch",
+    "entropy": "mean token entropy (nats) of the policy's distribution at its completion tokens, at temperature "
+               "rollout.temperature, from the update's first pass (no extra forward)",
     "truncated_frac": "fraction of policy completions that hit max_new_tokens without EOS",
     "verify_timeouts": "answer verifications that exceeded rewards.verify_timeout_s this step (scored 0)",
     "verify_errors": "answer verifications that raised an error this step (scored 0)",

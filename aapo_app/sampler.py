@@ -186,23 +186,27 @@ def draw(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, max_new_tokens: int,
            temperature: float | None, top_k: int = 0, top_p: float = 1.0, eos_ids: list[int], pad_id: int,
            generator: torch.Generator | None = None, compact_below: float = 0.5,
-           small_batch_matmul: bool = True) -> torch.Tensor:
+           small_batch_matmul: bool = True, logprobs: bool = False):
     """``num_samples`` completions of each left-padded prompt ``[P, T_p]``: ``[P * G, T_c]`` token ids,
     prompt-major (the G samples of prompt p are rows p*G .. p*G+G-1), ``pad_id`` after each EOS and
-    after the last row ends. ``temperature=None`` decodes greedily."""
+    after the last row ends. ``temperature=None`` decodes greedily. With ``logprobs``, also
+    ``[P * G, T_c]`` fp32: each drawn token's log-prob under the distribution it was drawn from
+    (:func:`process_logits`: temperature, top-k, top-p; 0 for greedy tokens and after the end)."""
     dev = next(model.parameters()).device
     with small_batch_linears(model, enabled=small_batch_matmul and dev.type == "cpu"):
-        return _decode(model, prompt_ids, prompt_mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
-                       generator=generator, compact_below=compact_below, dev=dev)
+        tokens, lps = _decode(model, prompt_ids, prompt_mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+                              generator=generator, compact_below=compact_below, dev=dev, logprobs=logprobs)
+    return (tokens, lps) if logprobs else tokens
 
 
 def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temperature, top_k, top_p, eos_ids,
-            pad_id, generator, compact_below, dev) -> torch.Tensor:
+            pad_id, generator, compact_below, dev, logprobs=False):
     ids, mask = prompt_ids.to(dev), prompt_mask.to(dev).long()
     n_prompts, width = ids.shape
     rows = n_prompts * num_samples
     out = torch.full((rows, max_new_tokens), pad_id, dtype=ids.dtype, device=dev)
+    out_lp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=dev) if logprobs else None
     eos = torch.tensor(eos_ids, dtype=ids.dtype, device=dev)
 
     cache = DynamicCache(config=model.config)
@@ -223,7 +227,11 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
         if temperature is None:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = draw(process_logits(logits, temperature, top_k, top_p), generator)
+            scores = process_logits(logits, temperature, top_k, top_p)
+            tokens = draw(scores, generator)
+            if logprobs:
+                lp = scores.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scores, dim=-1)
+                out_lp[live, t] = lp.masked_fill(done, 0.0)
         tokens = tokens.masked_fill(done, pad_id)  # rows that ended write padding
         out[live, t] = tokens
         done = done | torch.isin(tokens, eos)
@@ -238,4 +246,4 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
         logits = model(input_ids=tokens[:, None], attention_mask=full_mask[:, :width + t + 1],
                        position_ids=(next_pos + t)[:, None], **{cache_kw: cache},
                        use_cache=True).logits[:, -1].float()
-    return out.cpu()
+    return out.cpu(), (out_lp.cpu() if logprobs else None)

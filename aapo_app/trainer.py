@@ -26,7 +26,7 @@ from aapo_app.builder import build_training, check_prompt_lengths, open_model, p
 from aapo_app.checkpoint import Checkpointer, check_same_ds_configs
 from aapo_app.config import RunConfig
 from aapo_app.data import PromptSampler, PromptStyle
-from aapo_app.engine import all_reduce_sum, init_distributed, on_rank0
+from aapo_app.engine import all_reduce_max, all_reduce_sum, init_distributed, on_rank0
 from aapo_app.errors import AapoError
 from aapo_app.generation import Sampling, encode_prompts
 from aapo_app.reporting import Reporter, git_commit, sample_rows, write_samples_file
@@ -45,6 +45,18 @@ def reduce_metrics(local: dict[str, float]) -> dict[str, float]:
     keys = sorted(local)
     totals = all_reduce_sum([local[k] for k in keys])
     return {k: (t if k in M.SUMMED else t / world) for k, t in zip(keys, totals)}
+
+
+def length_extremes(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:
+    """The shortest and longest policy completion over every rank, and the mean length of those that
+    ended with EOS (absent when none did). Collective."""
+    longest, neg_shortest = all_reduce_max([float(lengths.max()), -float(lengths.min())])
+    ended = ~truncated
+    eos_total, eos_count = all_reduce_sum([float(lengths[ended].sum()), float(ended.sum())])
+    out = {"completion_len/min": -neg_shortest, "completion_len/max": longest}
+    if eos_count:
+        out["completion_len/eos_mean"] = eos_total / eos_count
+    return out
 
 
 class Trainer:
@@ -246,7 +258,9 @@ class Trainer:
             write_samples_file(self.output_dir, step, rows)
             self.reporter.samples(rows, step)
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.micro_batch_rows,
-                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+                     temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                     micro_batch_tokens=cfg.train.micro_batch_tokens,
+                     tis=self.algorithm.tis_level(off_trainer_sampler=cfg.rollout.backend == "vllm"))
         if upd["skipped_nonfinite"] < self.algorithm.optimizer_steps_per_rollout:  # some step moved the weights
             self.generator.weights_changed()
         pol = batch.policy
@@ -263,6 +277,7 @@ class Trainer:
         if kept_frac is not None:
             local["resample_kept_frac"] = kept_frac
         m = reduce_metrics(local)
+        m.update(length_extremes(pol.lengths, pol.truncated))
         m["rollout_tokens_per_s"] = m.pop("rollout_tokens") / max(m["rollout_seconds"], 1e-9)
         m["update_tokens_per_s"] = m.pop("update_tokens") / max(m["update_seconds"], 1e-9)
         if "reward/accuracy" in m:

@@ -202,6 +202,32 @@ def request_seeds(seed: int, num_prompts: int, num_samples: int) -> list[int]:
     return [stream_seed(seed, i, j) for i in range(num_prompts) for j in range(num_samples)]
 
 
+#: the first vLLM whose ``logprobs_mode="processed_logprobs"`` reports a sampled token's log-prob after
+#: temperature and top-k/top-p (the distribution it was drawn from); 0.10.0-0.10.1 process only penalties
+PROCESSED_LOGPROBS_VLLM = (0, 10, 2)
+
+
+def vllm_version() -> tuple[int, ...]:
+    import importlib.metadata
+
+    version = importlib.metadata.version("vllm")
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:3] if x.isdigit())
+
+
+def sampled_logprobs(token_ids, logprobs) -> list[float] | None:
+    """Each sampled token's log-prob from a vLLM ``CompletionOutput`` (``logprobs``: one dict per token,
+    token id -> Logprob; vLLM always lists the sampled token), or None when it reported none."""
+    if not logprobs:
+        return None
+    out = []
+    for token, entry in zip(token_ids, logprobs):
+        item = entry.get(token) if isinstance(entry, dict) else None
+        if item is None:
+            return None
+        out.append(float(getattr(item, "logprob", item)))
+    return out
+
+
 def completion_rows(token_lists: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> list[list[int]]:
     """vLLM's completions as rows that end in an EOS token when they stopped.
 
@@ -415,6 +441,11 @@ class ColocatedVLLM(VLLMEngine):
         self.role = role
         self.sleep_level = sleep_level
         optional = {k: v for k, v in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)) if v}
+        # report each sampled token's log-prob under the distribution it was drawn from (for truncated
+        # importance sampling); older versions report the raw model's, which would be a wrong ratio
+        self.reports_logprobs = role == "policy" and vllm_version() >= PROCESSED_LOGPROBS_VLLM
+        if self.reports_logprobs:
+            optional["logprobs_mode"] = "processed_logprobs"
         try:
             self.llm = vllm.LLM(
                 model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=1,
@@ -485,11 +516,19 @@ class ColocatedVLLM(VLLMEngine):
                 params.append(self.vllm.SamplingParams(
                     n=1, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
                     top_k=0 if greedy else s.top_k, max_tokens=s.max_new_tokens, seed=seeds[i * num_samples + j],
-                    stop_token_ids=list(self.eos_ids), skip_special_tokens=True))
+                    stop_token_ids=list(self.eos_ids), skip_special_tokens=True,
+                    logprobs=0 if self.reports_logprobs and not greedy else None))
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        rows = completion_rows([c.token_ids for out in outputs for c in out.outputs], self.eos_ids, s.max_new_tokens)
+        completions = [c for out in outputs for c in out.outputs]
+        rows = completion_rows([c.token_ids for c in completions], self.eos_ids, s.max_new_tokens)
+        logprobs = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions]
         return samples_from_rows(self.tokenizer, prompt_ids, prompt_mask, rows, num_samples, self.eos_ids,
-                                 s.max_new_tokens)
+                                 s.max_new_tokens, logprob_rows=logprob_rows(logprobs))
+
+
+def logprob_rows(logprobs: list[list[float] | None]) -> list[list[float]] | None:
+    """The sampled tokens' log-probs of every completion, or None unless every completion has them."""
+    return None if any(lp is None for lp in logprobs) else logprobs
 
 
 # --------------------------------------------------------------------------- server
@@ -664,16 +703,22 @@ class ServerVLLM(VLLMEngine):
 
         s = sampling
 
-        def one(i: int) -> list[list[int]]:
+        def one(i: int) -> dict:
+            # logprobs=0: the sampled token's own log-prob; the server reports it under the distribution it
+            # drew from only when started with --logprobs-mode processed_logprobs (docs/vllm.md)
             return self._generate(prompts[i], n=num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                  top_p=s.top_p, top_k=s.top_k, seed=stream_seed(seed, i),
-                                  eos_ids=self.eos_ids)["completion_ids"]
+                                  top_p=s.top_p, top_k=s.top_k, seed=stream_seed(seed, i), eos_ids=self.eos_ids,
+                                  logprobs=0 if s.temperature is not None else None)
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(prompts)))) as pool:
             groups = list(pool.map(one, range(len(prompts))))
-        rows = completion_rows([ids for group in groups for ids in group], self.eos_ids, s.max_new_tokens)
+        ids = [c for out in groups for c in out["completion_ids"]]
+        rows = completion_rows(ids, self.eos_ids, s.max_new_tokens)
+        reported = [row for out in groups for row in (out.get("logprobs") or [None] * len(out["completion_ids"]))]
+        logprobs = [(_first_numbers(r) or None) if r is not None else None for r in reported]
+        logprobs = [lp if lp is not None and len(lp) == len(c) else None for lp, c in zip(logprobs, ids)]
         return samples_from_rows(self.tokenizer, prompt_ids, prompt_mask, rows, num_samples, self.eos_ids,
-                                 s.max_new_tokens)
+                                 s.max_new_tokens, logprob_rows=logprob_rows(logprobs))
 
 
 # --------------------------------------------------------------------------- the trainer's side

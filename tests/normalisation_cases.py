@@ -18,6 +18,9 @@ LENGTHS = [[1, 9, 2, 12], [7, 7, 3, 1], [12, 11, 10, 2], [1, 1, 5, 3]]
 GROUPS = len(LENGTHS)
 MODES = ("group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean")
 RATIO_ALGOS = ("grpo", "dr_grpo", "dapo")
+# train.micro_batch_tokens: padded prompt + completion tokens per micro-batch (rows are 4 to 15 tokens
+# long: 12 gives mostly one row each; with 24, rank 0 of 2 makes 4 micro-batches and rank 1 makes 5)
+TOKEN_BUDGETS = (12, 24)
 
 
 def make_sequences(seed: int = 0):
@@ -42,6 +45,15 @@ def cases():
             out.append((name, {"loss_aggregation": mode}))
     # β = 0 here: four SGD steps at lr 1 drive the k3 term's exp(ref − logp) to inf
     out.append(("grpo", {"mini_batches": 2, "num_iterations": 2, "beta": 0.0}))
+    # the entropy bonus and masked truncated completions, in the modes where they count differently
+    out.append(("aapo", {"entropy_coef": 0.5}))
+    out.append(("grpo", {"mask_truncated": True}))
+    out.append(("dapo", {"mask_truncated": True, "entropy_coef": 0.2}))
+    out.append(("dr_grpo", {"mask_truncated": True}))
+    # truncated importance sampling against a sampler whose log-probs differ by SAMPLER_SHIFT
+    out.append(("aapo", {"tis": "token", "tis_cap": 1.5}))
+    out.append(("grpo", {"tis": "sequence", "tis_mode": "mask", "tis_cap": 3.0}))
+    out.append(("dapo", {"tis": "token", "tis_mode": "mask", "tis_cap": 2.0, "mini_batches": 2}))
     out.append(("dr_grpo", {"mini_batches": 4}))
     out.append(("dapo", {"mini_batches": 2, "num_iterations": 2, "loss_aggregation": "group_token_mean"}))
     return out
@@ -57,11 +69,36 @@ def rank_groups(world: int, rank: int) -> list[int]:
     return list(range(rank * per, (rank + 1) * per))
 
 
-def logprobs_unpadded(model, prompt: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
-    """log π(o_t | q, o_<t) / at TEMPERATURE for one unpadded sequence: ``[T_i]``."""
+def sampler_shift(seed: int = 1) -> dict:
+    """(group, sample) -> ``[T_i]`` δ: the sampler's log-prob of each token is the trainer's (at the
+    initial weights) minus δ, so that π_train / π_sampler = exp(δ) per token."""
+    g = torch.Generator().manual_seed(seed)
+    return {(grp, j): (torch.rand(n, generator=g) * 1.6 - 0.8).double() for grp, lengths in enumerate(LENGTHS)
+            for j, n in enumerate(lengths)}
+
+
+def tis_factor(params: dict, shift: torch.Tensor) -> torch.Tensor:
+    """``[T_i]`` the factor TIS puts on each token's loss, from its shift δ (written out from the definition)."""
+    cap, mode = params.get("tis_cap", 2.0), params.get("tis_mode", "truncate")
+    ratio = torch.exp(shift) if params["tis"] == "token" else torch.exp(shift.sum()).expand_as(shift)
+    if mode == "truncate":
+        return torch.minimum(ratio, torch.tensor(cap, dtype=ratio.dtype))
+    return torch.where((ratio > cap) | (ratio < 1 / cap), torch.zeros_like(ratio), ratio)
+
+
+def truncated(grp: int, j: int) -> bool:
+    """A completion of MAX_NEW tokens is one the sampler cut (no EOS): groups 0 and 2 have one."""
+    return LENGTHS[grp][j] == MAX_NEW
+
+
+def logprobs_unpadded(model, prompt: torch.Tensor, completion: torch.Tensor, entropy: bool = False):
+    """log π(o_t | q, o_<t) at TEMPERATURE for one unpadded sequence: ``[T_i]``; with ``entropy`` also
+    the entropy -Σ_v π log π of each of those distributions."""
     ids = torch.cat([prompt, completion]).unsqueeze(0)
     logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / TEMPERATURE  # [T_i, V]
-    return torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return (logp, -(logp_all.exp() * logp_all).sum(-1)) if entropy else logp
 
 
 def per_token_loss(name: str, params: dict, logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor,
@@ -110,6 +147,7 @@ def formula_update(model, name: str, params: dict, world: int, micro: int, lr: f
     """SGD with ``lr`` on the objective of each optimizer step, computed sequence by sequence on
     unpadded data; returns {parameter name: change}. The ratio's π_old is the model before the update."""
     mode = params.get("loss_aggregation", DEFAULT_MODE[name])
+    shifts = sampler_shift()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     with torch.no_grad():
         old = {(grp, j): logprobs_unpadded(model, data[grp][0], data[grp][1][j]) for grp in range(GROUPS)
@@ -118,10 +156,17 @@ def formula_update(model, name: str, params: dict, world: int, micro: int, lr: f
         sums, lengths = {}, {}
         for grp, j, mb in members:
             prompt, completions, adv, refs = data[grp]
-            logp = logprobs_unpadded(model, prompt, completions[j])
-            sums[(grp, j)] = per_token_loss(name, params, logp, old[(grp, j)], refs[j], float(adv[j])).sum()
-            lengths[(grp, j)] = len(completions[j])
+            logp, entropy = logprobs_unpadded(model, prompt, completions[j], entropy=True)
+            # the entropy bonus: −c·H_t joins every token's loss, normalised like it
+            loss = per_token_loss(name, params, logp, old[(grp, j)], refs[j], float(adv[j]))
+            loss = loss - params.get("entropy_coef", 0.0) * entropy
+            if params.get("tis", "off") in ("token", "sequence"):  # every token's loss times its TIS factor
+                loss = loss * tis_factor(params, shifts[(grp, j)]).to(loss.dtype)
+            masked = params.get("mask_truncated", False) and truncated(grp, j)  # no token of it counts
+            sums[(grp, j)] = loss.sum() * 0.0 if masked else loss.sum()
+            lengths[(grp, j)] = 0 if masked else len(completions[j])
         # the objective of the step, by its definition (AGGREGATIONS in aapo_app.algorithms.base)
+        # (a masked sequence still counts as a sequence of its group and of the step, with no tokens)
         if mode == "group_token_mean":
             groups = sorted({grp for grp, _, _ in members})
             objective = sum(sum(sums[(g2, j)] for g2, j, _ in members if g2 == grp)
@@ -129,7 +174,7 @@ def formula_update(model, name: str, params: dict, world: int, micro: int, lr: f
         elif mode == "token_mean":
             objective = sum(sums.values()) / sum(lengths.values())
         elif mode == "seq_mean":
-            objective = sum(sums[k] / lengths[k] for k in sums) / len(sums)
+            objective = sum(sums[k] / max(lengths[k], 1) for k in sums) / len(sums)
         elif mode == "constant":
             objective = sum(sums.values()) / (len(sums) * MAX_NEW)
         else:  # micro_batch_token_mean

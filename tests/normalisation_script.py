@@ -27,8 +27,22 @@ class SGDPolicy:
     def __init__(self, engine):
         self.engine = engine
 
-    def completion_logprobs(self, sequences, attention_mask, prompt_width, temperature):
-        return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature)
+    def completion_logprobs(self, sequences, attention_mask, prompt_width, temperature, *, entropy=False):
+        return completion_logprobs(self.engine, sequences, attention_mask, prompt_width, temperature, entropy=entropy)
+
+
+def sampler_logprobs(model_dir: str, data, groups, width_c: int) -> torch.Tensor:
+    """``[n, T_c]`` what a sampler that differs from the trainer by sampler_shift() reports: the initial
+    model's log-probs minus δ."""
+    model = load_causal_lm(model_dir)
+    shifts = C.sampler_shift()
+    rows = []
+    with torch.no_grad():
+        for g in groups:
+            for j in range(C.G):
+                lp = C.logprobs_unpadded(model, data[g][0], data[g][1][j]) - shifts[(g, j)].float()
+                rows.append(torch.nn.functional.pad(lp, (0, width_c - lp.numel())))
+    return torch.stack(rows)
 
 
 def rank_batch(data, groups) -> ScoredBatch:
@@ -48,7 +62,8 @@ def rank_batch(data, groups) -> ScoredBatch:
         cmask[i, :len(c)] = True
         ref[i, :len(c)] = r
     samples = Samples(sequences=seq, attention_mask=attn, completion_mask=cmask, prompt_width=width_p,
-                      texts=[""] * n, lengths=cmask.sum(1), truncated=torch.zeros(n, dtype=torch.bool))
+                      texts=[""] * n, lengths=cmask.sum(1),
+                      truncated=torch.tensor([C.truncated(g, j) for g in groups for j in range(C.G)]))
     advantages = torch.stack([data[g][2] for g in groups])  # [P, G]
     rollout = RolloutBatch(examples=[None] * len(groups), group_size=C.G, policy=samples, ref_logprobs=ref)
     return ScoredBatch(rollout=rollout, rewards=torch.zeros_like(advantages), ref_rewards=None, reward_parts={},
@@ -80,8 +95,9 @@ class Harness:
             self.engines[key] = (engine, initial)
         return self.engines[key]
 
-    def update(self, scored: ScoredBatch, name: str, overrides: dict, micro: int):
-        """(parameter changes, update metrics) of one update from the initial weights."""
+    def update(self, scored: ScoredBatch, name: str, overrides: dict, micro: int, tokens: int = 0):
+        """(parameter changes, update metrics) of one update from the initial weights; with ``tokens``,
+        micro-batches by that token budget instead of ``micro`` rows."""
         algorithm = build_algorithm(name, algorithm_params_class(name)(**overrides))
         n = scored.rollout.policy.sequences.shape[0]
         mini_batches, _ = algorithm.rollout_passes
@@ -93,7 +109,8 @@ class Harness:
                 p.data.copy_(x)  # every update starts from the same weights
         engine.optimizer.refresh_fp32_params()  # ZeRO-3's fp32 master partitions too
         metrics = update(SGDPolicy(engine), scored, algorithm, micro_batch_size=micro,
-                         temperature=C.TEMPERATURE, max_new_tokens=C.MAX_NEW)
+                         temperature=C.TEMPERATURE, max_new_tokens=C.MAX_NEW, micro_batch_tokens=tokens,
+                         tis=algorithm.tis_level(off_trainer_sampler=False))
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             delta = {k: p.data.clone() - x for (k, p), x in zip(named, initial)}
         return delta, metrics
@@ -101,12 +118,20 @@ class Harness:
 
 def main(model_dir: str, out_file: str, lr: float, micros: list[int]) -> None:
     rank, world = init_distributed()
-    scored = rank_batch(C.make_sequences(), C.rank_groups(world, rank))
+    data, groups = C.make_sequences(), C.rank_groups(world, rank)
+    scored = rank_batch(data, groups)
+    samples = scored.rollout.policy
+    samples.sampler_logprobs = sampler_logprobs(model_dir, data, groups, samples.completion_mask.shape[1])
     harness, results = Harness(model_dir, lr, world), {}
     for name, overrides in C.cases():
         for micro in micros:
             delta, metrics = harness.update(scored, name, overrides, micro)
             results[C.case_key(name, overrides, micro, world)] = {"delta": delta, "metrics": metrics}
+        if overrides.get("loss_aggregation") == "micro_batch_token_mean":
+            continue  # that mode depends on the micro-batch layout by definition
+        for budget in C.TOKEN_BUDGETS:  # micro-batches by tokens: a different number on each rank
+            delta, metrics = harness.update(scored, name, overrides, max(micros), tokens=budget)
+            results[C.case_key(name, overrides, f"tokens{budget}", world)] = {"delta": delta, "metrics": metrics}
     if rank == 0:
         torch.save(results, out_file)
 

@@ -744,17 +744,29 @@ def test_params_of_another_algorithm_are_rejected():
 
 
 def test_params_defaults_and_help():
+    # every algorithm: no entropy bonus, truncated completions trained on, TIS only for an off-trainer sampler
+    common = {"entropy_coef": 0.0, "tis": "auto", "tis_cap": 2.0, "tis_mode": "truncate", "mask_truncated": False}
     assert dataclasses.asdict(AAPO.Params()) == {
-        "loss_aggregation": "group_token_mean", "delta_low": -0.2, "delta_high": 0.28, "clip": True, "eps": 1e-4,
+        "loss_aggregation": "group_token_mean", **common, "delta_low": -0.2, "delta_high": 0.28, "clip": True,
+        "eps": 1e-4,
     }
     assert dataclasses.asdict(GRPO.Params()) == {
-        "loss_aggregation": "seq_mean", "mini_batches": 1, "num_iterations": 1,
+        "loss_aggregation": "seq_mean", **common, "mini_batches": 1, "num_iterations": 1,
         "epsilon": 0.2, "beta": 0.04, "eps": 1e-4,
     }
     assert dataclasses.asdict(GPG.Params()) == {
-        "loss_aggregation": "group_token_mean", "f_norm": "std", "eps": 1e-4, "regenerate": False,
+        "loss_aggregation": "group_token_mean", **common, "f_norm": "std", "eps": 1e-4, "regenerate": False,
         "keep_groups_by": "accuracy", "min_valid_frac": 0.5, "max_regenerate_tries": 3,
     }
+    assert build_algorithm("aapo").tis_level(off_trainer_sampler=True) == "token"
+    assert build_algorithm("aapo").tis_level(off_trainer_sampler=False) is None
+    assert build_algorithm("grpo", GRPO.Params(tis="sequence")).tis_level(off_trainer_sampler=False) == "sequence"
+    assert build_algorithm("grpo", GRPO.Params(tis="off")).tis_level(off_trainer_sampler=True) is None
+    for bad, words in (({"tis_cap": 1.0}, "algorithm.tis_cap must be a number > 1"),
+                       ({"tis": "tokens"}, "algorithm.tis must be one of"),
+                       ({"mask_truncated": "yes"}, "algorithm.mask_truncated")):
+        with pytest.raises(AapoError, match=words):
+            build_algorithm("aapo", AAPO.Params(**bad))
     for cls in ALGORITHMS.values():
         for f in dataclasses.fields(cls.Params):
             assert f.metadata.get("help"), f"{cls.__name__}.Params.{f.name} has no help"
@@ -1056,13 +1068,16 @@ def test_dapo_stats_do_not_read_ref_logprobs():
 def test_build_dr_grpo_and_dapo():
     dr = build_algorithm("dr_grpo")
     assert isinstance(dr, DrGRPO) and ALGORITHMS["dr_grpo"] is DrGRPO
+    common = {"entropy_coef": 0.0, "tis": "auto", "tis_cap": 2.0, "tis_mode": "truncate", "mask_truncated": False}
     assert dataclasses.asdict(dr.params) == {
-        "loss_aggregation": "constant", "mini_batches": 1, "num_iterations": 1, "epsilon": 0.2, "beta": 0.0,
+        "loss_aggregation": "constant", **common, "mini_batches": 1, "num_iterations": 1, "epsilon": 0.2,
+        "beta": 0.0,
     }
     dapo = build_algorithm("dapo")
     assert isinstance(dapo, DAPO) and ALGORITHMS["dapo"] is DAPO
     assert dataclasses.asdict(dapo.params) == {
         "loss_aggregation": "token_mean",
+        **common,
         "mini_batches": 4,
         "num_iterations": 1,
         "epsilon_low": 0.2,
@@ -1111,7 +1126,7 @@ LITERAL_FIELDS = [
 
 def test_string_choices_are_literal_fields():
     assert {(name, field) for name, field, _ in LITERAL_FIELDS} == {
-        *((name, "loss_aggregation") for name in ALGORITHMS),
+        *((name, field) for name in ALGORITHMS for field in ("loss_aggregation", "tis", "tis_mode")),
         ("gpg", "f_norm"), ("gpg", "keep_groups_by"), ("dapo", "keep_groups_by"),
     }
     for name, field, choices in LITERAL_FIELDS:

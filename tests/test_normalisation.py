@@ -62,6 +62,28 @@ def test_update_equals_the_formula_at_every_micro_batch_size(engine_results, bas
             expected[layout] = C.formula_update(copy.deepcopy(base_model), name, params, world, layout, LR, data)
         diff = C.relative_difference(got, expected[layout])
         assert diff < 1e-5, (name, params, world, micro, diff)
+    if params.get("loss_aggregation") == "micro_batch_token_mean":
+        return
+    for budget in C.TOKEN_BUDGETS:  # train.micro_batch_tokens: the same update as any row count
+        got = engine_results[C.case_key(name, params, f"tokens{budget}", world)]["delta"]
+        diff = C.relative_difference(got, expected[MICROS[-1]])
+        assert diff < 1e-5, (name, params, world, budget, diff)
+
+
+def test_token_budgets_give_the_ranks_different_numbers_of_micro_batches():
+    """What the token-budget cases exercise: micro-batches of several rows and of one, and ranks that
+    run different numbers of them (the one with fewer runs empty stand-ins)."""
+    from aapo_app.update import split_by_tokens
+
+    counts = {}
+    for rank in range(2):
+        widths = torch.tensor([C.PROMPT_LENGTHS[g] + n for g in C.rank_groups(2, rank) for n in C.LENGTHS[g]])
+        plan = split_by_tokens(widths, 1, 24)
+        assert sorted(r for micro in plan[0] for r in micro) == list(range(len(widths)))
+        for micro in plan[0]:
+            assert len(micro) == 1 or max(int(widths[r]) for r in micro) * len(micro) <= 24
+        counts[rank] = len(plan[0])
+    assert counts == {0: 4, 1: 5}
 
 
 def test_per_micro_batch_mean_depends_on_the_micro_batch_size_and_the_step_mean_does_not(engine_results):
@@ -73,3 +95,18 @@ def test_per_micro_batch_mean_depends_on_the_micro_batch_size_and_the_step_mean_
     for micro in MICROS[:-1]:
         assert C.relative_difference(delta("group_token_mean", micro), delta("group_token_mean", 1000)) < 1e-5
     assert C.relative_difference(delta("micro_batch_token_mean", 2), delta("micro_batch_token_mean", 1000)) > 0.05
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_entropy_metric_is_the_sampling_policys_mean_token_entropy(engine_results, base_model, world):
+    """`entropy`: the mean over every completion token of all ranks of -Σ_v π log π at the policy that
+    sampled the batch (the update's first pass), masked truncated completions included."""
+    data = C.make_sequences()
+    with torch.no_grad():
+        entropies = [C.logprobs_unpadded(base_model, data[g][0], data[g][1][j], entropy=True)[1]
+                     for g in range(C.GROUPS) for j in range(C.G)]
+    want = float(torch.cat(entropies).mean())
+    for params in ({"entropy_coef": 0.5}, {"mask_truncated": True}):
+        name = "aapo" if "entropy_coef" in params else "grpo"
+        got = engine_results[C.case_key(name, params, MICROS[0], world)]["metrics"]["entropy"]
+        assert got == pytest.approx(want, rel=1e-5), (params, world)

@@ -135,7 +135,8 @@ class FakeServer:
                         token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
                     seq.append(token)
                     ids.append(token)
-                    logp = logits.log_softmax(-1)
+                    # a server started with --logprobs-mode processed_logprobs: the sampled distribution's
+                    logp = (logits / temperature if temperature else logits).log_softmax(-1)
                     top = [int(t) for t in logp.topk(max(1, logprobs or 0)).indices if int(t) != token]
                     chosen = [token] + top[:logprobs or 0]  # TRL: the sampled token, then the most likely
                     lps.append([float(logp[t]) for t in chosen])

@@ -189,10 +189,54 @@ def weighted_token_sum(per_token: Tensor, mask: Tensor, weights: Tensor) -> Tens
             f"mask must be a bool tensor shaped like per_token {tuple(per_token.shape)} "
             f"(got {mask.dtype} {tuple(mask.shape)})"
         )
-    if weights.shape != per_token.shape[:1]:
-        raise ValueError(f"weights must be [n] = [{per_token.shape[0]}] (got {tuple(weights.shape)})")
+    if weights.shape not in (per_token.shape[:1], per_token.shape):
+        raise ValueError(f"weights must be [n] = [{per_token.shape[0]}] or [n, L] = {list(per_token.shape)} "
+                         f"(got {tuple(weights.shape)})")
     masked = zero_where_masked(per_token, mask)  # [n, L], 0 where the token does not count
+    if weights.dim() == 2:  # a weight per token: the sequence's weight times a per-token factor (TIS)
+        return (masked * weights.detach().to(per_token.dtype)).sum()
     return (masked.sum(dim=1) * weights.detach().to(per_token.dtype)).sum()
+
+
+TIS_LEVELS = ("token", "sequence")
+TIS_MODES = ("truncate", "mask")
+
+
+def tis_weights(train_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, level: str, cap: float,
+                mode: str) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling: ``[n, L]`` detached factors for every token's loss, and their
+    statistics (sums and counts over this micro-batch, for the caller to reduce).
+
+    With ρ = π_train / π_sampler of the sampled tokens (``exp`` of the log-prob difference; at the
+    sequence level, the product over the sequence's counted tokens, shared by all of them):
+    ``truncate`` gives ``min(ρ, cap)``; ``mask`` gives ρ inside ``[1/cap, cap]`` and 0 outside (the
+    token or sequence is dropped). ``cap = inf`` leaves ρ as it is."""
+    if level not in TIS_LEVELS or mode not in TIS_MODES:
+        raise ValueError(f"TIS level {level!r} / mode {mode!r}: choose from {TIS_LEVELS} / {TIS_MODES}")
+    diff = zero_where_masked((train_logprobs - sampler_logprobs).detach().double(), mask)  # [n, L]
+    if level == "token":
+        log_ratio = diff
+    else:
+        log_ratio = diff.sum(dim=1, keepdim=True).expand_as(diff)  # [n, L], the sequence's on every token
+    ratio = torch.exp(log_ratio)
+    if mode == "truncate":
+        factor = ratio.clamp(max=cap)
+        cut = ratio > cap
+    else:
+        cut = (ratio > cap) | (ratio < 1.0 / cap)
+        factor = torch.where(cut, torch.zeros_like(ratio), ratio)
+    factor = torch.where(mask, factor, torch.zeros_like(factor))
+    if level == "token":  # the units the ratio is taken over: tokens, or sequences with counted tokens
+        r, c = ratio[mask], cut[mask]
+    else:
+        rows = mask.any(dim=1)
+        r, c = ratio[:, 0][rows], cut[:, 0][rows]
+    stats = {
+        "ratio_sum": float(r.sum()), "ratio_min": float(r.min()) if r.numel() else float("inf"),
+        "ratio_max": float(r.max()) if r.numel() else float("-inf"), "units": float(r.numel()),
+        "cut": float(c.sum()), "abs_diff_sum": float(diff.abs()[mask].sum()), "tokens": float(mask.sum()),
+    }
+    return factor.to(train_logprobs.dtype), stats
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> float:
@@ -241,6 +285,29 @@ class AlgorithmParams:
         metadata={"help": "How per-token losses are normalised over the optimizer step: "
                           + "; ".join(f"'{k}': {v}" for k, v in AGGREGATIONS.items())},
     )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={"help": "Entropy bonus: the step objective minus entropy_coef x the policy's token entropy, "
+                          "normalised like the loss (loss_aggregation); 0 = none."},
+    )
+    tis: Literal["auto", "off", "token", "sequence"] = field(
+        default="auto",
+        metadata={"help": "Truncated importance sampling against the sampler's log-probs: weight each token's loss by "
+                          "rho = pi_train / pi_sampler of its sampled token ('token') or of its whole sequence "
+                          "('sequence'), bounded by tis_cap; 'auto' = 'token' when the sampler is not the trainer's "
+                          "own forward (rollout.backend=vllm), else 'off'."},
+    )
+    tis_cap: float = field(default=2.0, metadata={"help": "C of truncated importance sampling (> 1; inf = no bound)."})
+    tis_mode: Literal["truncate", "mask"] = field(
+        default="truncate",
+        metadata={"help": "'truncate': min(rho, C); 'mask': rho inside [1/C, C], and the token (or sequence) is "
+                          "dropped outside it."},
+    )
+    mask_truncated: bool = field(
+        default=False,
+        metadata={"help": "A completion cut at rollout.max_new_tokens without EOS gets no gradient and does not "
+                          "count in the loss normaliser (DAPO's overlong filtering)."},
+    )
 
     def rollout_passes(self) -> tuple[int, int]:
         """``(mini_batches, num_iterations)``: optimizer steps per pass over one rollout, and passes
@@ -258,6 +325,11 @@ class AlgorithmParams:
         for name, tp in typing.get_type_hints(type(self)).items():
             if typing.get_origin(tp) is Literal:
                 require_choice(name, getattr(self, name), typing.get_args(tp))
+        require_number("entropy_coef", self.entropy_coef)
+        cap = self.tis_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1.0:
+            raise AapoError(f"algorithm.tis_cap must be a number > 1 (got {cap!r}); inf leaves the ratio unbounded")
+        require_bool("mask_truncated", self.mask_truncated)
 
 
 def require_choice(field: str, value: object, choices: tuple) -> object:
@@ -439,6 +511,14 @@ class Algorithm(abc.ABC):
         when it takes more than one optimizer step per rollout.
         """
         return False
+
+    def tis_level(self, off_trainer_sampler: bool) -> str | None:
+        """``"token"`` / ``"sequence"`` when truncated importance sampling applies, else None:
+        ``algorithm.tis``, with ``auto`` on exactly when the sampler is not the trainer's own forward."""
+        tis = self.params.tis
+        if tis == "auto":
+            return "token" if off_trainer_sampler else None
+        return None if tis == "off" else tis
 
     def aggregation(self, max_new_tokens: int) -> tuple[str, float | None]:
         """``(mode, constant)`` for :func:`sequence_weights`: ``algorithm.loss_aggregation``, and the
