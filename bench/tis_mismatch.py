@@ -82,33 +82,40 @@ def main() -> None:
     print("| level | mode | ratio mean | ratio min | ratio max | cut frac | mean abs(log-prob diff) | corrected grad vs "
           "formula (rel. diff) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for level in ("token", "sequence"):
-        for mode in ("truncate", "mask"):
+    for level, mode in (("none", "-"), ("token", "truncate"), ("token", "mask"), ("sequence", "truncate"),
+                        ("sequence", "mask")):
+        if level == "none":  # no correction: how far the batched, padded pass is from the formula by itself
+            factors = cmask.float()
+            st = {"ratio_sum": float("nan"), "units": 1.0, "ratio_min": float("nan"), "ratio_max": float("nan"),
+                  "cut": float("nan"), "abs_diff_sum": float("nan"), "tokens": 1.0}
+        else:
             factors, st = tis_weights(logp, sampler_lp, cmask, level, args.cap, mode)
-            trainer.zero_grad()
-            loss = weighted_token_sum(-logp * adv[:, None], cmask, weights[:, None].float() * factors)
-            loss.backward(retain_graph=True)
-            got = {n: p.grad.clone() for n, p in trainer.named_parameters() if p.grad is not None}
-            # the formula: full logits, unpadded sequences, ρ from the definition
-            trainer.zero_grad()
-            total = 0.0
-            for i in range(seq.shape[0]):
-                n = int(cmask[i].sum())
-                row = seq[i][attn[i]]
-                logits = trainer(input_ids=row[None]).logits[0, -n - 1:-1].float() / args.temperature
-                lp = torch.log_softmax(logits, -1).gather(-1, row[-n:, None]).squeeze(-1)
-                d = (lp.detach() - sampler_lp[i, :n]).double()
-                rho = torch.exp(d) if level == "token" else torch.exp(d.sum()).expand(n)
-                f = rho.clamp(max=args.cap) if mode == "truncate" else torch.where(
-                    (rho > args.cap) | (rho < 1 / args.cap), torch.zeros_like(rho), rho)
-                total = total + (float(weights[i]) * f.float() * -lp * float(adv[i])).sum()
-            total.backward()
-            want = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
-            num = math.sqrt(sum(float(((got[k] - want[k]) ** 2).sum()) for k in want))
-            den = math.sqrt(sum(float((want[k] ** 2).sum()) for k in want))
-            print(f"| {level} | {mode} | {st['ratio_sum'] / st['units']:.4f} | {st['ratio_min']:.4f} | "
-                  f"{st['ratio_max']:.4f} | {st['cut'] / st['units']:.4f} | {st['abs_diff_sum'] / st['tokens']:.5f} | "
-                  f"{num / den:.1e} |")
+        trainer.zero_grad()
+        loss = weighted_token_sum(-logp * adv[:, None], cmask, weights[:, None].float() * factors)
+        loss.backward(retain_graph=True)
+        got = {n: p.grad.clone() for n, p in trainer.named_parameters() if p.grad is not None}
+        # the formula: full logits, unpadded sequences, ρ from the definition
+        trainer.zero_grad()
+        total = 0.0
+        for i in range(seq.shape[0]):
+            n = int(cmask[i].sum())
+            row = seq[i][attn[i]]
+            logits = trainer(input_ids=row[None]).logits[0, -n - 1:-1].float() / args.temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, row[-n:, None]).squeeze(-1)
+            d = (lp.detach() - sampler_lp[i, :n]).double()
+            rho = torch.exp(d) if level != "sequence" else torch.exp(d.sum()).expand(n)
+            f = rho.clamp(max=args.cap) if mode == "truncate" else torch.where(
+                (rho > args.cap) | (rho < 1 / args.cap), torch.zeros_like(rho), rho)
+            if level == "none":
+                f = torch.ones_like(rho)
+            total = total + (float(weights[i]) * f.float() * -lp * float(adv[i])).sum()
+        total.backward()
+        want = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
+        num = math.sqrt(sum(float(((got[k] - want[k]) ** 2).sum()) for k in want))
+        den = math.sqrt(sum(float((want[k] ** 2).sum()) for k in want))
+        print(f"| {level} | {mode} | {st['ratio_sum'] / st['units']:.4f} | {st['ratio_min']:.4f} | "
+              f"{st['ratio_max']:.4f} | {st['cut'] / st['units']:.4f} | {st['abs_diff_sum'] / st['tokens']:.5f} | "
+              f"{num / den:.1e} |")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ GROUPS = len(LENGTHS)
 MODES = ("group_token_mean", "token_mean", "seq_mean", "constant", "micro_batch_token_mean")
 RATIO_ALGOS = ("grpo", "dr_grpo", "dapo")
 # train.micro_batch_tokens: padded prompt + completion tokens per micro-batch (rows are 4 to 15 tokens
-# long: 12 gives mostly one row each; with 24, rank 0 of 2 makes 4 micro-batches and rank 1 makes 5)
-TOKEN_BUDGETS = (12, 24)
+# long): 24 gives micro-batches of one to three rows, and with 2 ranks rank 0 makes 4 of them, rank 1 5
+TOKEN_BUDGETS = (24,)
 
 
 def make_sequences(seed: int = 0):
