@@ -504,20 +504,21 @@ def _chunk_logits(h, weight, bias, temperature):
 
 
 @contextlib.contextmanager
-def _head_computes_logprobs(model, targets: torch.Tensor, valid: torch.Tensor, temperature: float, chunk: int,
+def _head_computes_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
+                            out_shape: tuple[int, int], out_cols: torch.Tensor, temperature: float, chunk: int,
                             entropy: bool):
     """While the model runs, its output layer (``lm_head``) returns ``[n, T_c, 2]`` (log-prob of the
-    target, entropy) for the completion positions instead of ``[n, T_c + 1, V]`` logits. The layer is
-    still called once, as a module, so ZeRO-3 gathers its weight for the forward and again for the
-    backward as it does for any layer."""
+    target, entropy) for the completion tokens instead of logits: completion token ``out_cols[k]``
+    of row ``rows[k]`` is ``targets[k]``, predicted by the hidden state at ``[rows[k], cols[k]]`` of
+    the layer's input. The layer is still called once, as a module, so ZeRO-3 gathers its weight for
+    the forward and again for the backward as it does for any layer."""
     head = getattr(model, "module", model).get_output_embeddings()
 
-    def forward(hidden):  # [n, T_c + 1, H]: position t predicts completion token t
-        hidden = hidden[:, :-1, :]
-        out = hidden.new_zeros(*targets.shape, 2, dtype=torch.float32)
-        logp, ent = _ChunkedHeadLogprobs.apply(hidden[valid], head.weight, head.bias, targets[valid],
+    def forward(hidden):
+        out = hidden.new_zeros(*out_shape, 2, dtype=torch.float32)
+        logp, ent = _ChunkedHeadLogprobs.apply(hidden[rows, cols], head.weight, head.bias, targets,
                                                float(temperature), chunk, entropy)
-        return out.index_put((valid,), torch.stack([logp, ent], dim=-1))
+        return out.index_put((rows, out_cols), torch.stack([logp, ent], dim=-1))
 
     head.forward = forward  # an instance attribute: shadows the class's forward for this call only
     try:
@@ -526,23 +527,56 @@ def _head_computes_logprobs(model, targets: torch.Tensor, valid: torch.Tensor, t
         del head.forward
 
 
-def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+def pack_left(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
+    """Left-padded prompt + completion rows ``[n, T]`` as rows that start at column 0 (prompt, then
+    completion, then padding): ``(sequences, attention_mask, starts)`` with ``starts [n]`` each row's
+    completion column, for :func:`completion_logprobs`. Saves the prompt-side padding of rows whose
+    prompts differ in length."""
+    n = sequences.shape[0]
+    prompt_lengths = attention_mask[:, :prompt_width].sum(dim=1)
+    lengths = attention_mask.sum(dim=1)
+    width = int(lengths.max()) if n else 0
+    packed = sequences.new_full((n, width), 0)
+    packed_mask = torch.zeros((n, width), dtype=attention_mask.dtype, device=attention_mask.device)
+    for i in range(n):
+        row = sequences[i][attention_mask[i].bool()]
+        packed[i, :row.numel()] = row
+        packed_mask[i, :row.numel()] = True
+    return packed, packed_mask, prompt_lengths
+
+
+def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width,
                         temperature: float, *, entropy: bool = False, chunk: int = LOGITS_CHUNK_TOKENS):
     """Per-token log pi(o_t | q, o_<t) ``[n, T_c]`` of the completion part of ``sequences`` (0 where the
     completion is padding), from logits / T; with ``entropy``, also the entropy of pi(. | q, o_<t)
     ``[n, T_c]``, returned as a pair.
 
-    ``sequences`` is ``[n, T]`` = left-padded prompt (width ``prompt_width``) + completion. Position
-    ids follow the attention mask, as in ``generate``, so left padding does not shift positions.
-    The output layer works on ``chunk`` completion tokens at a time (fp32), so the memory of the
-    logits is ``chunk x V`` instead of ``n x T_c x V``; gradients are exact (see
-    :class:`_ChunkedHeadLogprobs`)."""
+    ``sequences`` is ``[n, T]`` = left-padded prompt (width ``prompt_width``) + completion, or, with
+    ``prompt_width`` a ``[n]`` tensor (:func:`pack_left`), each row's prompt and completion side by
+    side from column 0 and padded on the right, the row's completion starting at its
+    ``prompt_width``: no prompt-side padding. Position ids follow the attention mask, as in
+    ``generate``, so padding does not shift positions. The output layer works on ``chunk``
+    completion tokens at a time (fp32), so the memory of the logits is ``chunk x V`` instead of
+    ``n x T_c x V``; gradients are exact (see :class:`_ChunkedHeadLogprobs`)."""
     mask = attention_mask.long()
-    width_c = sequences.shape[1] - prompt_width
-    targets = sequences[:, prompt_width:]  # [n, T_c]
-    valid = attention_mask[:, prompt_width:].bool()
-    with _head_computes_logprobs(model, targets, valid, temperature, max(int(chunk), 1), entropy):
+    if isinstance(prompt_width, torch.Tensor):  # packed rows: completions start at different columns
+        starts = prompt_width.to(sequences.device).long()
+        lengths = mask.sum(dim=1) - starts  # [n]
+        width_c = int(lengths.max()) if lengths.numel() else 0
+        valid = torch.arange(width_c, device=sequences.device)[None] < lengths[:, None]  # [n, T_c]
+        rows, out_cols = valid.nonzero(as_tuple=True)
+        cols = starts[rows] + out_cols - 1  # the position that predicts the token
+        keep = 0  # every position reaches the output layer (it reads only the ones it needs)
+    else:
+        width_c = sequences.shape[1] - prompt_width
+        valid = attention_mask[:, prompt_width:].bool()
+        rows, out_cols = valid.nonzero(as_tuple=True)
+        cols = out_cols  # the layer sees the last T_c + 1 positions: position t predicts completion token t
+        keep = width_c + 1
+    targets = sequences[rows, cols + 1 + (0 if keep == 0 else sequences.shape[1] - keep)]
+    with _head_computes_logprobs(model, rows, cols, targets, (sequences.shape[0], width_c), out_cols, temperature,
+                                 max(int(chunk), 1), entropy):
         out = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                    logits_to_keep=width_c + 1)
+                    logits_to_keep=keep)
     result = out.logits  # [n, T_c, 2]
     return (result[..., 0], result[..., 1]) if entropy else result[..., 0]

@@ -25,7 +25,7 @@ import torch
 from aapo_app.algorithms import StepCounts, sequence_weights, step_counts, step_metrics, weighted_token_sum
 from aapo_app.algorithms.base import tis_weights
 from aapo_app.batches import ScoredBatch
-from aapo_app.engine import all_reduce_max, all_reduce_sum, device
+from aapo_app.engine import all_reduce_max, all_reduce_sum, device, pack_left
 from aapo_app.errors import AapoError
 
 
@@ -46,7 +46,7 @@ class MicroBatch:
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor  # the tokens trained on (without truncated completions with mask_truncated)
     tokens: torch.Tensor  # every completion token (for the entropy metric)
-    prompt_width: int
+    prompt_width: torch.Tensor  # [n] the column each row's completion starts at (rows packed from column 0)
     advantages: torch.Tensor
     ref_logprobs: torch.Tensor | None
     old_logprobs: torch.Tensor | None = None
@@ -144,6 +144,7 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
         index = torch.tensor(rows)
         seq, attn, tokens, width = _trim(samples.sequences[index], samples.attention_mask[index],
                                          samples.completion_mask[index], samples.prompt_width)
+        seq, attn, width = pack_left(seq, attn, width)  # no prompt-side padding: completions start per row
         cmask = trained[index, : tokens.shape[1]] & (not empty)
         ref = ref_logprobs[index, : cmask.shape[1]].to(dev) if ref_logprobs is not None else None
         sampler = samples.sampler_logprobs[index, : cmask.shape[1]].to(dev) if tis else None

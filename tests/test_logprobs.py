@@ -93,3 +93,26 @@ def test_bf16_weights_give_the_logits_of_the_bf16_head_in_fp32(tiny_model_dir):
         logp = completion_logprobs(model, seq, attn, P, 1.0, chunk=3)
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_packed_without_prompt_padding_give_the_same_logprobs_and_gradients(tiny_model_dir):
+    """pack_left: each row's prompt and completion from column 0, its completion start per row; the
+    log-probs, entropies and gradients are those of the left-padded layout."""
+    from aapo_app.engine import pack_left
+
+    model = _model(tiny_model_dir)
+    seq, attn, P = _batch()
+    packed, packed_mask, starts = pack_left(seq, attn.bool(), P)
+    assert packed_mask[:, 0].all() and starts.tolist() == [5, 3, 4]  # every row starts at column 0
+    results = []
+    for args in ((seq, attn, P), (packed, packed_mask, starts)):
+        model.zero_grad()
+        logp, ent = completion_logprobs(model, *args, 0.7, entropy=True, chunk=4)
+        (logp * torch.arange(1.0, 7.0) + ent).sum().backward()
+        results.append((logp.detach(), ent.detach(), model.get_output_embeddings().weight.grad.clone(),
+                        model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (a_lp, a_ent, a_head, a_q), (b_lp, b_ent, b_head, b_q) = results
+    torch.testing.assert_close(b_lp[:, :a_lp.shape[1]], a_lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_ent[:, :a_ent.shape[1]], a_ent, rtol=1e-5, atol=1e-6)
+    for got, want in ((b_head, a_head), (b_q, a_q)):
+        assert float((got - want).norm() / want.norm()) < 1e-5
