@@ -573,7 +573,8 @@ def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Te
         rows, out_cols = valid.nonzero(as_tuple=True)
         cols = out_cols  # the layer sees the last T_c + 1 positions: position t predicts completion token t
         keep = width_c + 1
-    targets = sequences[rows, cols + 1 + (0 if keep == 0 else sequences.shape[1] - keep)]
+    first = sequences.shape[1] - keep if keep else 0  # the sequence column of the layer's first input position
+    targets = sequences[rows, first + cols + 1]
     with _head_computes_logprobs(model, rows, cols, targets, (sequences.shape[0], width_c), out_cols, temperature,
                                  max(int(chunk), 1), entropy):
         out = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,

@@ -183,9 +183,13 @@ def update(policy, scored: ScoredBatch, algorithm, *, micro_batch_size: int, tem
             for i, (mb, w) in enumerate(zip(step, step_weights)):
                 if micro_batch_tokens > 0:  # the number of micro-batches varies: the last one ends the step
                     policy.engine.set_gradient_accumulation_boundary(i == len(step) - 1)
-                # the token entropy comes from the same chunked pass over the output layer (no extra forward)
-                logp, entropy = policy.completion_logprobs(mb.sequences, mb.attention_mask, mb.prompt_width,
-                                                           temperature, entropy=True)
+                # the token entropy comes from the same chunked pass over the output layer (no extra forward),
+                # needed for the metric (first pass) and the bonus only
+                if it == 0 or params.entropy_coef:
+                    logp, entropy = policy.completion_logprobs(mb.sequences, mb.attention_mask, mb.prompt_width,
+                                                               temperature, entropy=True)
+                else:
+                    logp = policy.completion_logprobs(mb.sequences, mb.attention_mask, mb.prompt_width, temperature)
                 w = w.to(dev)
                 if tis:
                     if mb.tis_factors is None:  # at π_old: the old log-probs, or this first forward's own
