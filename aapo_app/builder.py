@@ -34,6 +34,8 @@ class Plan:
     train_examples: list
     eval_examples: list
     world: int
+    precision: object = None  # PrecisionChoice: what the engines compute in, and why
+    tis: str | None = None  # truncated importance sampling: "token", "sequence" or None (tis_level)
     notes: list[str] = field(default_factory=list)  # checks that could not run here (check-config)
 
 
@@ -47,23 +49,59 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
     from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
     from aapo_app.engine import launched_world_size
     from aapo_app.models import resolve_model_path
+    from aapo_app.precision import resolve_precision
 
     world = launched_world_size() if world is None else world
     if world < 1:
         raise AapoError(f"--world-size must be >= 1 (got {world})")
-    ds_policy = fill_ds_config(read_ds_config(ds_config, DEFAULT_POLICY_CONFIG), cfg, world)
+    raw_policy = read_ds_config(ds_config, DEFAULT_POLICY_CONFIG)
+    precision = resolve_precision(cfg.precision, raw_policy, probe=here)
+    ds_policy = fill_ds_config(raw_policy, cfg, world, precision=precision)
     ds_ref = fill_ds_config(read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config"), cfg,
-                            world, training=False)
+                            world, training=False, precision=precision)
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     resolve_model_path(cfg.model.path, convert=False)
-    notes = _check_machine(cfg, algorithm, here)
+    notes = _check_machine(cfg, algorithm, here, precision)
+    if not here and cfg.precision == "auto" and ds_precision_unset(raw_policy):
+        notes.append("precision=auto is decided on the machine that runs: bf16 on a GPU or a CPU with AMX / "
+                     "AVX512-BF16, fp32 elsewhere")
     train, held_out = load_examples(cfg.data, cfg.train.seed)
     per_step = cfg.rollout.prompts_per_rank * world
     if len(train) < per_step:
         raise AapoError(f"data: {len(train)} training prompts but a step takes {per_step} "
                         f"(rollout.prompts_per_rank x {world} ranks); add data or lower rollout.prompts_per_rank")
     notes += conflicting_duplicates(list(train) + list(held_out))
-    return Plan(cfg, algorithm, ds_policy, ds_ref, train, held_out, world, notes)
+    return Plan(cfg, algorithm, ds_policy, ds_ref, train, held_out, world, precision,
+                tis_level(cfg, algorithm, precision), notes)
+
+
+def ds_precision_unset(ds: dict) -> bool:
+    from aapo_app.precision import ds_precision
+
+    return ds_precision(ds) is None and ds.get("fp16", {}).get("enabled") is not True
+
+
+def tis_level(cfg, algorithm, precision) -> str | None:
+    """Truncated importance sampling for this run: ``"token"``/``"sequence"``, or None.
+
+    ``algorithm.tis=auto`` turns it on where the sampler's log-probs differ from the trainer's forward
+    and the sampler reports them: vLLM, and bf16 rollouts on aapo's decoding loop (an incremental
+    decode with a key/value cache rounds differently in bf16 from the full forward that scores the same
+    tokens). An explicit ``token``/``sequence`` needs a sampler that reports its log-probs."""
+    r = cfg.rollout
+    vllm = r.backend == "vllm"
+    reports = vllm or (r.sampler == "aapo" and r.gather == "full" and not r.deepspeed_hybrid_engine)
+    if algorithm.params.tis == "auto":
+        low_precision = precision is not None and precision.name in ("bf16", "fp16")
+        return algorithm.tis_level(off_trainer_sampler=vllm or (low_precision and reports))
+    level = algorithm.tis_level(off_trainer_sampler=True)
+    if level and not reports:
+        why = ("rollout.sampler=hf" if r.sampler == "hf" else
+               "rollout.gather=layerwise" if r.gather != "full" else "rollout.deepspeed_hybrid_engine")
+        raise AapoError(f"algorithm.tis={level} needs the sampler's log-probs, which transformers' generate "
+                        f"({why}) does not report; use rollout.sampler=aapo with rollout.gather=full, or set "
+                        f"algorithm.tis=off")
+    return level
 
 
 def conflicting_duplicates(examples) -> list[str]:
@@ -80,7 +118,7 @@ def conflicting_duplicates(examples) -> list[str]:
             f"same completion is graded differently: deduplicate the data to avoid it"]
 
 
-def _check_machine(cfg, algorithm, here: bool) -> list[str]:
+def _check_machine(cfg, algorithm, here: bool, precision=None) -> list[str]:
     """The backends' needs: the configuration's own checks always, this machine's only ``here``."""
     from aapo_app.engine import check_hybrid_engine
     from aapo_app.vllm_engine import check_vllm_config, check_vllm_machine
@@ -92,14 +130,11 @@ def _check_machine(cfg, algorithm, here: bool) -> list[str]:
         check_vllm_config(cfg, algorithm)
         machine.append(lambda: check_vllm_machine(cfg.vllm))
     notes = []
-    tis = algorithm.tis_level(off_trainer_sampler=cfg.rollout.backend == "vllm")
+    tis = tis_level(cfg, algorithm, precision)
     if tis and cfg.rollout.backend == "vllm" and cfg.vllm.mode == "server":
         notes.append(f"algorithm.tis={tis}: the policy's `vllm serve` must run with --logprobs-mode processed_logprobs "
                      f"(vLLM >= 0.10.2) so that it reports the log-probs of the distribution it samples from; the "
                      f"metric tis/logprob_abs_diff shows a mismatch")
-    if tis and cfg.rollout.sampler == "hf" and cfg.rollout.backend != "vllm":
-        raise AapoError(f"algorithm.tis={tis} needs the sampler's log-probs, which rollout.sampler=hf does not report; "
-                        f"use rollout.sampler=aapo or set algorithm.tis=off")
     for check in machine:
         try:
             check()

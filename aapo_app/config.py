@@ -279,6 +279,11 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = _f("", "run directory (default: runs/<algorithm>-<UTC time>)")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto",
+        "number format of the engines: 'bf16' (bf16 weights for rollouts, scoring and the update's forward and "
+        "backward; fp32 master weights and Adam moments in the optimizer), 'fp32', or 'auto': bf16 on a GPU or a CPU "
+        "with AMX / AVX512-BF16, fp32 elsewhere. A DeepSpeed config that sets bf16.enabled decides instead")
 
     def validate(self) -> None:
         for section in (self.model, self.data, self.rollout, self.vllm, self.rewards, self.train):

@@ -88,9 +88,22 @@ def lr_schedule(run) -> LRSchedule | None:
                       train.min_lr_ratio)
 
 
-def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dict:
-    """Return a copy of ``ds`` with every ``"auto"`` field resolved from the ``RunConfig``."""
-    ds = copy.deepcopy(ds)
+def fill_precision(ds: dict, choice: str = "auto", resolved=None) -> dict:
+    """``ds`` with an ``"auto"`` (or absent) ``bf16.enabled`` filled: from ``resolved`` (a
+    :class:`aapo_app.precision.PrecisionChoice`) where given, else from the precision ``choice``
+    (``auto``: bf16 where this machine multiplies bf16 matrices natively). A value the file sets is
+    kept; :func:`aapo_app.precision.resolve_precision` checks it against an explicit choice."""
+    from aapo_app.precision import apply_precision, ds_precision, resolve_precision
+
+    if ds_precision(ds) is not None or ds.get("fp16", {}).get("enabled") is True:
+        return ds
+    return apply_precision(ds, resolved or resolve_precision(choice, ds, probe=False))
+
+
+def fill_ds_config(ds: dict, run, world_size: int, training: bool = True, precision=None) -> dict:
+    """Return a copy of ``ds`` with every ``"auto"`` field resolved from the ``RunConfig`` (``bf16.enabled``
+    from ``run.precision``, or from ``precision``, the run's resolved :class:`PrecisionChoice`)."""
+    ds = fill_precision(copy.deepcopy(ds), run.precision, precision)
     micro = run.micro_batch_rows
     accum = run.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", "")
@@ -139,9 +152,10 @@ def fill_ds_config(ds: dict, run, world_size: int, training: bool = True) -> dic
     return ds
 
 
-def fill_inference_ds_config(ds: dict, world_size: int, option: str = "--ds-config") -> dict:
-    """An inference-only engine (evaluation): batch fields default to 1 per rank, no optimizer."""
-    ds = copy.deepcopy(ds)
+def fill_inference_ds_config(ds: dict, world_size: int, option: str = "--ds-config", precision: str = "auto") -> dict:
+    """An inference-only engine (evaluation): batch fields default to 1 per rank, no optimizer; an
+    ``"auto"`` ``bf16.enabled`` from ``precision`` (:func:`fill_precision`)."""
+    ds = fill_precision(copy.deepcopy(ds), precision)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise AapoError(f"{option}: an evaluation engine has no '{key}'; remove it (see ds_configs/zero3_inference_*.json)")

@@ -69,6 +69,7 @@ class Trainer:
         # everything that can fail on user input is checked before the (slow) engines are built
         plan = plan_run(cfg, ds_config, ref_ds_config)
         self.algorithm, self.ds_policy, self.ds_ref = plan.algorithm, plan.ds_policy, plan.ds_ref
+        self.precision, self.tis = plan.precision, plan.tis
         self.train_examples, self.eval_examples = plan.train_examples, plan.eval_examples
         if self.resume_from is not None:
             check_same_ds_configs(self.resume_from.parent.parent,
@@ -111,6 +112,8 @@ class Trainer:
                                reference=parts.reference_generator, cache=parts.reference_cache,
                                scorer=self.reference)
         if self.rank == 0:
+            tqdm.write(plan.precision.describe() + (f"; truncated importance sampling: {self.tis} level"
+                                                    if self.tis else ""), file=sys.stderr)
             for note in plan.notes + notes:
                 tqdm.write(f"note: {note}", file=sys.stderr)
         self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints)
@@ -199,7 +202,8 @@ class Trainer:
         facts go to run_info.json."""
         cfg = self.cfg
         info = {"git_commit": git_commit(), "aapo_version": __version__, "world_size": self.world, "model_path": self.model_path,
-                "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None}
+                "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None,
+                "precision": self.precision.as_dict(), "tis": self.tis}
         if self.rank == 0:
             (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         config = {**cfg.to_dict(), "ds_config": self.ds_policy, "ds_config_reference": self.ds_ref, **info}
@@ -260,7 +264,7 @@ class Trainer:
         upd = update(self.policy, scored, self.algorithm, micro_batch_size=cfg.micro_batch_rows,
                      temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                      micro_batch_tokens=cfg.train.micro_batch_tokens,
-                     tis=self.algorithm.tis_level(off_trainer_sampler=cfg.rollout.backend == "vllm"))
+                     tis=self.tis)
         if upd["skipped_nonfinite"] < self.algorithm.optimizer_steps_per_rollout:  # some step moved the weights
             self.generator.weights_changed()
         pol = batch.policy

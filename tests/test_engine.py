@@ -22,7 +22,7 @@ def tiny_overrides(model_dir, out_dir, *extra):
         f"model.path={model_dir}", f"output_dir={out_dir}", "rollout.group_size=4", "rollout.prompts_per_rank=2",
         "rollout.max_new_tokens=6", "train.micro_batch_size=4", "train.max_steps=2", "data.eval_size=4",
         "train.eval_max_new_tokens=6", "rewards.num_workers=1", "train.learning_rate=1e-3",
-        "rewards.weights={test_char_length: 1.0, boxed_format: 0.5}", *extra,
+        "rewards.weights={test_char_length: 1.0, boxed_format: 0.5}", "precision=fp32", *extra,
     ]
 
 
