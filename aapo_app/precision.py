@@ -60,11 +60,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def bf16_hardware() -> str | None:
-    """What multiplies bf16 matrices natively here: ``"cuda"``, a CPU flag, or None."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+def bf16_hardware(flags: set[str] | None = None, cuda: bool | None = None) -> str | None:
+    """What multiplies bf16 matrices natively: ``"cuda"``, the CPU flag that does, or None (by
+    default this machine's; ``flags``/``cuda`` describe another)."""
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cuda:
         return "cuda"
-    flags = cpu_flags()
+    flags = cpu_flags() if flags is None else flags
     return next((f for f in BF16_CPU_FLAGS if f in flags), None)
 
 
@@ -93,11 +96,16 @@ def ds_precision(ds: dict) -> bool | None:
     return None if value == "auto" else bool(value)
 
 
-def resolve_precision(choice: str, policy_ds: dict, *, probe: bool = True) -> PrecisionChoice:
+_THIS_MACHINE = object()
+
+
+def resolve_precision(choice: str, policy_ds: dict, *, probe: bool = True,
+                      hardware: str | None | object = _THIS_MACHINE) -> PrecisionChoice:
     """The run's precision from ``choice`` and what the policy's DeepSpeed config already says.
 
     An explicit ``bf16.enabled`` in a DeepSpeed config (a resumed run's recorded config, or a file
-    the user wrote) wins over ``auto`` and must agree with an explicit ``fp32``/``bf16``."""
+    the user wrote) wins over ``auto`` and must agree with an explicit ``fp32``/``bf16``. ``hardware``:
+    what :func:`bf16_hardware` returns (default: asks this machine)."""
     if choice not in PRECISIONS:
         raise AapoError(f"precision must be one of {', '.join(PRECISIONS)} (got {choice!r})")
     fp16 = policy_ds.get("fp16", {}).get("enabled") is True
@@ -110,7 +118,7 @@ def resolve_precision(choice: str, policy_ds: dict, *, probe: bool = True) -> Pr
     if from_ds is not None and choice != "auto" and from_ds != (choice == "bf16"):
         raise AapoError(f"precision={choice} disagrees with the DeepSpeed config's bf16.enabled={str(from_ds).lower()}; "
                         f"set bf16.enabled to \"auto\" in the file or precision=auto")
-    hardware = bf16_hardware()
+    hardware = bf16_hardware() if hardware is _THIS_MACHINE else hardware
     if from_ds is not None:
         name, reason = ("bf16" if from_ds else "fp32"), "set by the DeepSpeed config's bf16.enabled"
     elif choice != "auto":
