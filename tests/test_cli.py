@@ -64,6 +64,8 @@ def bad_inputs(tmp_path):
         (["algorithm.name=dapo", "algorithm.max_resample_tries=-1"], ["algorithm.max_resample_tries", ">= 0"]),
         (["rewards.params={cosine: {max_len: 0}}"], ["rewards.params.cosine.max_len", "> 0"]),
         (["data.prompt_template=no placeholder"], ["data.prompt_template", "{problem}"]),
+        (["precision=fp16"], ["precision", "one of auto, fp32, bf16"]),
+        (["precision=fp32", "--ds-config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3_bf16.json")], ["precision=fp32", "bf16.enabled=true"]),
     ]
     if not torch.cuda.is_available():
         cases.append((["rollout.deepspeed_hybrid_engine=true"], ["rollout.deepspeed_hybrid_engine", "CUDA"]))

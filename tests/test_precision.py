@@ -168,3 +168,29 @@ def test_a_bf16_update_is_adamw_on_fp32_master_weights_of_the_bf16_gradient(tiny
     # the engine packs rows differently (other bf16 rounding of the same sums): elements whose tiny
     # gradient changes sign move by 2·lr the other way; measured 0.026 (twice the lr: 1.0, SGD: ~1)
     assert num / den < 0.1, num / den
+
+
+def test_aapo_train_prints_and_records_the_precision(tiny_model_dir, tmp_path):
+    """``precision=bf16`` on the CLI: the line on stderr, the filled DeepSpeed configs, run_info.json
+    and the TIS metrics (bf16 rollouts on aapo's sampler turn algorithm.tis=auto on)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aapo_app", "train", "--max-steps", "1", "--output-dir", str(out),
+           f"model.path={tiny_model_dir}", "precision=bf16", "rollout.group_size=2", "rollout.prompts_per_rank=2",
+           "rollout.max_new_tokens=4", "train.micro_batch_size=4", "data.eval_size=2", "train.eval_max_new_tokens=4",
+           "rewards.num_workers=1", "train.save_final=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision: bf16 (asked for" in proc.stderr
+    assert "truncated importance sampling: token level" in proc.stderr
+    for name in ("ds_config.json", "ds_config_reference.json"):
+        assert json.loads((out / name).read_text())["bf16"]["enabled"] is True
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["precision"]["name"] == "bf16" and info["tis"] == "token"
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "tis/logprob_abs_diff" in step and step["tis/logprob_abs_diff"] >= 0
