@@ -51,6 +51,9 @@ class RolloutConfig:
     temperature: float = _f(0.7, "sampling temperature; log-probs in the loss use logits / temperature too")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
+    ignore_eos: bool = _f(
+        False, "for speed benchmarks only: EOS is never drawn (its logit masked, as generate's min_new_tokens), so "
+               "every completion has exactly max_new_tokens tokens; the samples then do not follow the policy")
     generation_batch_size: int = _f(0, "sequences per generation call (0 = all of a rank's prompts x G at once; "
                                        "sampler=aapo rounds it down to whole prompt groups)")
     sampler: Literal["aapo", "hf"] = _f(

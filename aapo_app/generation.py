@@ -37,11 +37,12 @@ class Sampling:
     temperature: float | None = None
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False  # EOS never drawn: exactly max_new_tokens tokens (benchmarks; rollout.ignore_eos)
 
     @classmethod
     def of_rollout(cls, rollout) -> "Sampling":
         """The training rollouts' settings (``rollout.*``)."""
-        return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
+        return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k, rollout.ignore_eos)
 
 
 class Generator:
@@ -190,7 +191,7 @@ NEUTRAL_GENERATION = dict(
 
 
 def generation_config(*, pad_id: int, max_new_tokens: int, temperature: float | None, top_p: float = 1.0,
-                      top_k: int = 0, eos_ids: list[int]):
+                      top_k: int = 0, eos_ids: list[int], ignore_eos: bool = False):
     """The ``GenerationConfig`` of every ``generate`` call (``rollout.sampler=hf``, layer-wise and
     hybrid-engine generation, ``aapo eval --sampler hf``): sampling at ``temperature`` with our
     top-p and top-k (0 = off), or greedy when ``temperature`` is None, and every other setting
@@ -202,7 +203,8 @@ def generation_config(*, pad_id: int, max_new_tokens: int, temperature: float | 
         sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
     else:  # top_k=0 is off; None would let generate fill in its global default of 50
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    return GenerationConfig(**NEUTRAL_GENERATION, **sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+    neutral = dict(NEUTRAL_GENERATION, min_new_tokens=max_new_tokens) if ignore_eos else NEUTRAL_GENERATION
+    return GenerationConfig(**neutral, **sampling, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                             eos_token_id=list(eos_ids), use_cache=True)
 
 
@@ -298,7 +300,8 @@ class DeepSpeedGenerator(Generator):
                 tokens, lps = decode(self._module, prompt_ids[rows], prompt_mask[rows], num_samples=num_samples,
                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                      top_p=s.top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
-                                     generator=generator, logprobs=True)
+                                     generator=generator, logprobs=True,
+                                     suppress_ids=self.eos_ids if s.ignore_eos else None)
             except NonFiniteLogits as exc:
                 raise _non_finite() from exc
             pieces.append(tokens.cpu())
@@ -314,7 +317,8 @@ class DeepSpeedGenerator(Generator):
 
         dev = device()
         config = generation_config(pad_id=self.tokenizer.pad_token_id, max_new_tokens=s.max_new_tokens,
-                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids)
+                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_ids=self.eos_ids,
+                                   ignore_eos=s.ignore_eos)
         chunk = self.chunk or ids.shape[0]
         pieces = []
         torch.manual_seed(seed)

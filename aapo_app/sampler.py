@@ -28,6 +28,7 @@ for the same seed (different random numbers), not in distribution; greedy tokens
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 
@@ -124,27 +125,135 @@ SMALL_BATCH_ROWS = 64  # at most this many rows -> W @ x^T
 INITIAL_CACHE_TOKENS = 512  # completion positions reserved up front; the cache doubles beyond
 
 
-def _small_batch_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small_batch: bool) -> torch.Tensor:
+    """``x @ weightᵀ (+ bias)``, as ``W @ xᵀ`` when few rows go through (``small_batch``)."""
     rows = x.numel() // x.shape[-1]
-    if rows > SMALL_BATCH_ROWS:
-        return F.linear(x, self.weight, self.bias)
-    out = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if self.bias is not None:
-        out = out + self.bias
+    if not small_batch or rows > SMALL_BATCH_ROWS:
+        return F.linear(x, weight, bias)
+    out = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        out = out + bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _small_batch_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _matmul(x, self.weight, self.bias, True)
+
+
+class _FusedGroup:
+    """Linear layers that read the same input (q/k/v, gate/up) computed as one product.
+
+    The first layer's call computes the product of the stacked weights and keeps the other layers'
+    slices for the same input tensor; each of the other layers then returns its slice when called with
+    that very tensor (and computes its own product otherwise, so a different call order is still
+    exact). One larger matrix product instead of two or three small ones: fewer dispatches per token
+    and better use of the matrix units at decode time's few rows."""
+
+    def __init__(self, layers: list[nn.Linear], small_batch: bool):
+        self.layers, self.small_batch = layers, small_batch
+        self.weight = torch.cat([m.weight for m in layers])
+        biases = [m.bias for m in layers]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, layers)])
+        self.sizes = [m.out_features for m in layers]
+        self._input, self._parts = None, {}
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        parts = _matmul(x, self.weight, self.bias, self.small_batch).split(self.sizes, dim=-1)
+        self._input, self._parts = x, dict(enumerate(parts[1:], start=1))
+        return parts[0]
+
+    def other(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if x is self._input and index in self._parts:
+            return self._parts.pop(index)
+        layer = self.layers[index]
+        return _matmul(x, layer.weight, layer.bias, self.small_batch)
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 @contextlib.contextmanager
-def small_batch_linears(model: nn.Module, enabled: bool = True):
-    """Compute the model's ``nn.Linear`` layers as ``W @ xᵀ`` when few rows go through them."""
-    patched = [m for m in model.modules() if type(m) is nn.Linear] if enabled else []
-    for m in patched:
-        m.forward = types.MethodType(_small_batch_linear, m)
+def fast_linears(model: nn.Module, small_batch: bool = True, fuse: bool = True):
+    """While inside, the model's ``nn.Linear`` layers compute ``W @ xᵀ`` when few rows go through
+    (``small_batch``), and attention's q/k/v and the MLP's gate/up projections are each one product of
+    stacked weights (``fuse``; the stacked copy lives until the block exits). Outputs are the same
+    products summed in another order."""
+    patched = []
+    if fuse:
+        for module in model.modules():
+            for names in FUSED_GROUPS:
+                layers = [getattr(module, n, None) for n in names]
+                if not all(type(m) is nn.Linear for m in layers):
+                    continue
+                if len({(m.in_features, m.weight.dtype, m.weight.device) for m in layers}) != 1:
+                    continue
+                group = _FusedGroup(layers, small_batch)
+                layers[0].forward = group.first
+                for i, m in enumerate(layers[1:], start=1):
+                    m.forward = functools.partial(group.other, i)
+                patched += layers
+    if small_batch:
+        done = {id(m) for m in patched}
+        for m in model.modules():
+            if type(m) is nn.Linear and id(m) not in done:
+                m.forward = types.MethodType(_small_batch_linear, m)
+                patched.append(m)
     try:
         yield model
     finally:
         for m in patched:
             del m.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# attention of one new token
+
+_SDPA = None
+
+
+def _one_token_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' ``sdpa`` attention, with the decoding step's case (one query token per row) as
+    two small batched matrix products and a softmax in fp32, on the key/value heads directly (the
+    query heads of a key/value head stacked as rows). torch's fused CPU kernel costs several times
+    more for a single query; every other call (prefill, dropout, position bias, soft-capping) goes to
+    ``sdpa`` unchanged."""
+    if (query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap")
+            or kwargs.get("output_attentions") or kwargs.get("sinks") is not None or key.shape[-1] != value.shape[-1]):
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                     **kwargs)
+    b, heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [b, kv_heads, rep, L]
+    if attention_mask is not None:
+        mask = attention_mask[..., -1:, :scores.shape[-1]].reshape(b, 1, 1, -1)  # the last query's row
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float())
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, kv_heads, rep, d]
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def one_token_attention(model: nn.Module, enabled: bool = True):
+    """While inside, a model on ``sdpa`` attention computes decoding steps with
+    :func:`_one_token_attention` (the attention function registered as ``sdpa`` is swapped and put
+    back; models on other implementations are left alone)."""
+    global _SDPA
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    if not enabled or getattr(model.config, "_attn_implementation", None) != "sdpa" or _SDPA is not None:
+        yield model
+        return
+    _SDPA = mapping["sdpa"]
+    mapping["sdpa"] = _one_token_attention
+    try:
+        yield model
+    finally:
+        mapping["sdpa"], _SDPA = _SDPA, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,22 +295,31 @@ def draw(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, max_new_tokens: int,
            temperature: float | None, top_k: int = 0, top_p: float = 1.0, eos_ids: list[int], pad_id: int,
            generator: torch.Generator | None = None, compact_below: float = 0.5,
-           small_batch_matmul: bool = True, logprobs: bool = False):
+           small_batch_matmul: bool = True, fuse_projections: bool = True, fast_attention: bool = True,
+           logprobs: bool = False, suppress_ids: list[int] | None = None):
     """``num_samples`` completions of each left-padded prompt ``[P, T_p]``: ``[P * G, T_c]`` token ids,
     prompt-major (the G samples of prompt p are rows p*G .. p*G+G-1), ``pad_id`` after each EOS and
     after the last row ends. ``temperature=None`` decodes greedily. With ``logprobs``, also
     ``[P * G, T_c]`` fp32: each drawn token's log-prob under the distribution it was drawn from
-    (:func:`process_logits`: temperature, top-k, top-p; 0 for greedy tokens and after the end)."""
+    (:func:`process_logits`: temperature, top-k, top-p; 0 for greedy tokens and after the end).
+
+    ``suppress_ids``: tokens never drawn (their logits set to -inf first, as ``generate``'s
+    ``min_new_tokens`` does for EOS). The speed-ups (all on by default; on CPU only where marked):
+    ``small_batch_matmul`` (CPU), ``fuse_projections`` (CPU: :func:`fast_linears`) and
+    ``fast_attention`` (:func:`one_token_attention`)."""
     dev = next(model.parameters()).device
-    with small_batch_linears(model, enabled=small_batch_matmul and dev.type == "cpu"):
+    cpu = dev.type == "cpu"
+    with fast_linears(model, small_batch=small_batch_matmul and cpu, fuse=fuse_projections and cpu), \
+            one_token_attention(model, enabled=fast_attention):
         tokens, lps = _decode(model, prompt_ids, prompt_mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
-                              generator=generator, compact_below=compact_below, dev=dev, logprobs=logprobs)
+                              generator=generator, compact_below=compact_below, dev=dev, logprobs=logprobs,
+                              suppress_ids=suppress_ids)
     return (tokens, lps) if logprobs else tokens
 
 
 def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temperature, top_k, top_p, eos_ids,
-            pad_id, generator, compact_below, dev, logprobs=False):
+            pad_id, generator, compact_below, dev, logprobs=False, suppress_ids=None):
     ids, mask = prompt_ids.to(dev), prompt_mask.to(dev).long()
     n_prompts, width = ids.shape
     rows = n_prompts * num_samples
@@ -224,6 +342,8 @@ def _decode(model, prompt_ids, prompt_mask, *, num_samples, max_new_tokens, temp
     for t in range(max_new_tokens):
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(f"non-finite logits at completion token {t}")
+        if suppress_ids:
+            logits[:, suppress_ids] = float("-inf")
         if temperature is None:
             tokens = logits.argmax(dim=-1)
         else:

@@ -516,6 +516,7 @@ class ColocatedVLLM(VLLMEngine):
                 params.append(self.vllm.SamplingParams(
                     n=1, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
                     top_k=0 if greedy else s.top_k, max_tokens=s.max_new_tokens, seed=seeds[i * num_samples + j],
+                    min_tokens=s.max_new_tokens if s.ignore_eos else 0,
                     stop_token_ids=list(self.eos_ids), skip_special_tokens=True,
                     logprobs=0 if self.reports_logprobs and not greedy else None))
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
@@ -618,7 +619,8 @@ class ServerVLLM(VLLMEngine):
         return same_server(self.url, other.url)
 
     def _generate(self, prompt: list[int], *, n: int, max_new_tokens: int, temperature: float | None, top_p: float,
-                  top_k: int, seed: int, eos_ids: list[int], logprobs: int | None = None) -> dict:
+                  top_k: int, seed: int, eos_ids: list[int], logprobs: int | None = None,
+                  min_tokens: int = 0) -> dict:
         """One /generate/ request: ``n`` completions of one prompt (greedy when temperature is None),
         with only our sampling settings."""
         greedy = temperature is None
@@ -626,7 +628,7 @@ class ServerVLLM(VLLMEngine):
             [prompt], n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
             top_k=0 if greedy else top_k, repetition_penalty=1.0, min_p=0.0, max_tokens=max_new_tokens,
             logprobs=logprobs, generation_kwargs={"seed": seed, "stop_token_ids": list(eos_ids),
-                                                  "skip_special_tokens": True})
+                                                  "skip_special_tokens": True, "min_tokens": min_tokens})
 
     def _probe_request(self) -> dict[str, torch.Tensor]:
         try:
@@ -708,7 +710,8 @@ class ServerVLLM(VLLMEngine):
             # drew from only when started with --logprobs-mode processed_logprobs (docs/vllm.md)
             return self._generate(prompts[i], n=num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                   top_p=s.top_p, top_k=s.top_k, seed=stream_seed(seed, i), eos_ids=self.eos_ids,
-                                  logprobs=0 if s.temperature is not None else None)
+                                  logprobs=0 if s.temperature is not None else None,
+                                  min_tokens=s.max_new_tokens if s.ignore_eos else 0)
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(prompts)))) as pool:
             groups = list(pool.map(one, range(len(prompts))))

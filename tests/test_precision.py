@@ -172,7 +172,9 @@ def test_a_bf16_update_is_adamw_on_fp32_master_weights_of_the_bf16_gradient(tiny
 
 def test_aapo_train_prints_and_records_the_precision(tiny_model_dir, tmp_path):
     """``precision=bf16`` on the CLI: the line on stderr, the filled DeepSpeed configs, run_info.json
-    and the TIS metrics (bf16 rollouts on aapo's sampler turn algorithm.tis=auto on)."""
+    and the TIS metrics (bf16 rollouts on aapo's sampler turn algorithm.tis=auto on). The run also
+    sets rollout.ignore_eos (the speed benchmarks' fixed-length completions): every completion of
+    the policy has exactly rollout.max_new_tokens tokens."""
     import json
     import subprocess
     import sys
@@ -183,7 +185,7 @@ def test_aapo_train_prints_and_records_the_precision(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "aapo_app", "train", "--max-steps", "1", "--output-dir", str(out),
            f"model.path={tiny_model_dir}", "precision=bf16", "rollout.group_size=2", "rollout.prompts_per_rank=2",
            "rollout.max_new_tokens=4", "train.micro_batch_size=4", "data.eval_size=2", "train.eval_max_new_tokens=4",
-           "rewards.num_workers=1", "train.save_final=false"]
+           "rewards.num_workers=1", "train.save_final=false", "rollout.ignore_eos=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "precision: bf16 (asked for" in proc.stderr
@@ -194,3 +196,4 @@ def test_aapo_train_prints_and_records_the_precision(tiny_model_dir, tmp_path):
     assert info["precision"]["name"] == "bf16" and info["tis"] == "token"
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "tis/logprob_abs_diff" in step and step["tis/logprob_abs_diff"] >= 0
+    assert step["completion_len/min"] == step["completion_len/max"] == 4

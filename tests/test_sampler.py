@@ -72,6 +72,76 @@ def test_small_batch_matmul_changes_no_greedy_token(tiny):
     assert not any("forward" in vars(m) for m in model.modules())  # the patch is undone
 
 
+def _qwen2_tiny():
+    """A 2-layer random Qwen2 (biases on q/k/v, 4 query heads on 2 key/value heads)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = Qwen2ForCausalLM(config).eval()
+    for name, p in model.named_parameters():  # non-zero biases, so that the stacked bias is checked
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_and_one_token_attention_keep_every_step(tiny, arch):
+    """Stacked q/k/v and gate/up products and the one-query attention: the same greedy tokens and the
+    same sampled tokens (fp32), each drawn token's log-prob within 1e-5 of the plain forward's, with
+    left padding of different widths; and both patches undone afterwards."""
+    from transformers.modeling_utils import AttentionInterface
+
+    model, tok, ids, mask = tiny
+    if arch == "qwen2":
+        model = _qwen2_tiny()
+        ids = ids.clamp(max=95)
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    plain = dict(small_batch_matmul=False, fuse_projections=False, fast_attention=False)
+    with torch.no_grad():
+        for temperature in (None, 0.9):
+            runs = [decode(model, ids, mask, num_samples=2, max_new_tokens=10, temperature=temperature, eos_ids=[-1],
+                           pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(3), logprobs=True, **kw)
+                    for kw in (plain, {})]
+            assert torch.equal(runs[0][0], runs[1][0])
+            torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa
+
+
+def test_one_token_attention_equals_sdpa_with_a_padding_mask():
+    """One decoding step's attention against torch's sdpa on the same inputs (GQA repeated by hand)."""
+    from types import SimpleNamespace
+
+    from aapo_app import sampler
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, length, d = 3, 6, 2, 9, 8
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = torch.randn(b, kv_heads, length, d, generator=g), torch.randn(b, kv_heads, length, d, generator=g)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding of row 0
+    mask[2, ..., :1] = False
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask).transpose(1, 2)
+    sampler._SDPA = None  # never reached: one query token
+    got, _ = sampler._one_token_attention(SimpleNamespace(num_key_value_groups=3), q, k, v, mask, scaling=d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_suppressed_tokens_are_never_drawn(tiny):
+    """``suppress_ids`` (rollout.ignore_eos): the model's greedy choices, banned, never appear."""
+    model, tok, ids, mask = tiny
+    with torch.no_grad():
+        free = decode(model, ids, mask, num_samples=1, max_new_tokens=6, temperature=None, eos_ids=[-1],
+                      pad_id=tok.pad_token_id)
+        banned = sorted({int(x) for x in free.flatten()})
+        got = decode(model, ids, mask, num_samples=4, max_new_tokens=6, temperature=None, eos_ids=[-1],
+                     pad_id=tok.pad_token_id, suppress_ids=banned)
+    assert not torch.isin(got, torch.tensor(banned)).any()
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (0.7, 0, 0.8), (1.0, 20, 0.5)])
 def test_logit_processing_is_generates(temperature, top_k, top_p):
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
