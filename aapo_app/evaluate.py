@@ -179,13 +179,15 @@ class ModelSpec:
 
 def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
     """The saved checkpoints of a training run: ``latest``, ``all``, or one step number."""
-    from aapo_app.checkpoint import checkpoint_dirs, saved_checkpoints, select_steps
+    from aapo_app.checkpoint import saved_checkpoints, select_steps
 
     from aapo_app.lora import ADAPTER_CONFIG, lora_base_model
 
-    found = saved_checkpoints(run_dir, "--run", require="config.json")  # the gathered HF weights
-    found.update({s: d for s, d in checkpoint_dirs(Path(run_dir).expanduser()).items()
-                  if s not in found and (d / ADAPTER_CONFIG).is_file()})  # LoRA runs: the adapters
+    # the gathered HF weights, or a LoRA run's adapter
+    found = {s: d for s, d in saved_checkpoints(run_dir, "--run").items()
+             if (d / "config.json").is_file() or (d / ADAPTER_CONFIG).is_file()}
+    if not found:
+        saved_checkpoints(run_dir, "--run", require="config.json")  # its one-line error
     steps = select_steps(found, step, run_dir, allow_all=True)
     root = Path(run_dir).expanduser()
     name = root.resolve().name
