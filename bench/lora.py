@@ -53,20 +53,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(name: str, ds: dict):
-    """The model under the engines' ZeRO-3 partitioned construction: the embedded default from its
-    files, or a random model of a named shape built partitioned (no files written)."""
-    import deepspeed
+def model_dir(name: str) -> str:
+    """The model's directory: the embedded default, or a random model of a named shape written once
+    (bf16, e.g. 3 GB for the 1.5B shape) into aapo's cache with the embedded default's tokenizer."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from aapo_app.models import load_causal_lm, resolve_model_path
+    from aapo_app.models import cache_dir, load_tokenizer, resolve_model_path
 
     if name == "smollm2":
-        return load_causal_lm(resolve_model_path(""), ds_config=ds)
-    shape = dict(SHAPES[name])
-    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=ds["zero_optimization"]["stage"] == 3):
-        return AutoModelForCausalLM.from_config(config, dtype=__import__("torch").float32)
+        return resolve_model_path("")
+    path = cache_dir() / "bench-random" / name
+    if not (path / "config.json").is_file():
+        tok = load_tokenizer(resolve_model_path(""))
+        shape = dict(SHAPES[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        shape["vocab_size"] = max(shape["vocab_size"], len(tok))
+        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
+
+
+def counts(name: str, rank_r: int) -> tuple[int, int]:
+    """(all parameters, LoRA adapter parameters) of the model, from its structure on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aapo_app.lora import LoraSettings, apply_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(name)))
+        total = sum(p.numel() for p in model.parameters())
+        apply_lora(model, LoraSettings(rank=rank_r))
+    return total, sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def computed_mb(total: int, adapter: int, mode: str, ranks: int) -> float:
+    """fp32 ZeRO-3 bytes per rank of parameters + gradients + optimizer state, each partitioned over the
+    ranks. With fp32 weights DeepSpeed's fp32 partition is the master copy, so the optimizer state is
+    the two Adam moments (8 bytes per trainable parameter, as measured). Full = the policy (4 + 4 + 8
+    bytes per parameter) plus the reference engine (4); LoRA = the base and adapters (4 each) plus the
+    adapters' gradients and moments (4 + 8)."""
+    if mode == "full":
+        per = total * (4 + 4 + 8) + total * 4
+    else:
+        per = total * 4 + adapter * (4 + 4 + 8)
+    return per / ranks / 2**20
+
+
+def _available_mb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _model(name: str, ds: dict):
+    """The model under the engines' (ZeRO-3 partitioned) loading."""
+    from aapo_app.models import load_causal_lm
+
+    return load_causal_lm(model_dir(name), ds_config=ds)
 
 
 def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
@@ -123,8 +173,18 @@ def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
 def measure_memory(models, ranks, rank_r: int, tmp_root: Path) -> list[dict]:
     rows = []
     for model in models:
+        total, adapter = counts(model, rank_r)
         for n in ranks:
             for mode in ("full", "lora"):
+                computed = computed_mb(total, adapter, mode, n)
+                # every rank runs on this one machine; peak memory is about 1.5x the engines' own figure
+                need = 1.5 * computed * n + 1024 * n
+                if need > _available_mb():
+                    print(f"+ memory {model} {mode}, {n} rank(s): not measured (needs about {need / 1024:.0f} GB, "
+                          f"{_available_mb() / 1024:.0f} GB available)", flush=True)
+                    rows.append({"model": model, "mode": mode, "ranks": n, "trainable": total if mode == "full"
+                                 else adapter, "total": total, "computed_mb": computed, "measured": False})
+                    continue
                 tmp = Path(tempfile.mkdtemp(dir=tmp_root))
                 env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -138,7 +198,8 @@ def measure_memory(models, ranks, rank_r: int, tmp_root: Path) -> list[dict]:
                 per_rank = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(n)]
                 keys = ("policy_params_mb", "reference_params_mb", "grads_mb", "optimizer_mb", "peak_rss_mb")
                 row = {"model": model, "mode": mode, "ranks": n, **{k: max(r[k] for r in per_rank) for k in keys},
-                       "trainable": per_rank[0]["trainable"], "total": per_rank[0]["total"]}
+                       "trainable": per_rank[0]["trainable"], "total": per_rank[0]["total"], "computed_mb": computed,
+                       "measured": True}
                 row["sum_mb"] = row["policy_params_mb"] + row["reference_params_mb"] + row["grads_mb"] + row["optimizer_mb"]
                 rows.append(row)
     return rows
@@ -197,11 +258,15 @@ def table(res: dict) -> str:
     out = [f"LoRA rank {res['rank']} (alpha 2 x rank, targets: the Llama/Qwen projections), CPU, {res['machine']}", ""]
     if res.get("memory"):
         out += ["| model | mode | ranks | trainable / total | policy params MB | reference params MB | grads MB | "
-                "optimizer MB | sum MB / rank | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "optimizer MB | sum MB / rank | computed MB / rank | peak RSS MB |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["memory"]:
-            out.append(f"| {r['model']} | {r['mode']} | {r['ranks']} | {r['trainable'] / 1e6:.2f}M / {r['total'] / 1e6:.0f}M "
-                       f"| {r['policy_params_mb']:.0f} | {r['reference_params_mb']:.0f} | {r['grads_mb']:.1f} | "
-                       f"{r['optimizer_mb']:.1f} | {r['sum_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+            head = f"| {r['model']} | {r['mode']} | {r['ranks']} | {r['trainable'] / 1e6:.2f}M / {r['total'] / 1e6:.0f}M "
+            if not r["measured"]:
+                out.append(head + f"| not measured (memory) | | | | | {r['computed_mb']:.0f} | |")
+                continue
+            out.append(head + f"| {r['policy_params_mb']:.0f} | {r['reference_params_mb']:.0f} | {r['grads_mb']:.1f} | "
+                       f"{r['optimizer_mb']:.1f} | {r['sum_mb']:.0f} | {r['computed_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
         out.append("")
     if res.get("speed"):
         out += ["| mode | steps | step s | rollout s | update s |", "|---|---:|---:|---:|---:|"]
@@ -214,23 +279,6 @@ def table(res: dict) -> str:
         out += [f"| {r['mode']} | {r['seed']} | {r['steps']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | "
                 f"{r['reward_first']:.3f} | {r['reward_last']:.3f} |" for r in res["learning"]]
     return "\n".join(out)
-
-
-def _tiny_model_dir(root: Path) -> str:
-    """The smoke test's model: the tiny shape with the embedded default's tokenizer, written once."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from aapo_app.models import load_tokenizer, resolve_model_path
-
-    path = root / "tiny-model"
-    if not (path / "config.json").is_file():
-        tok = load_tokenizer(resolve_model_path(""))
-        shape = dict(SHAPES["tiny"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type"), **shape)).save_pretrained(path)
-        tok.save_pretrained(path)
-    return str(path)
 
 
 def main() -> None:
@@ -262,7 +310,7 @@ def main() -> None:
     base: list[str] = []
     if args.smoke:
         args.models, args.speed_steps, args.steps, args.seeds = ["tiny"], 2, 1, args.seeds[:1]
-        base = [f"model.path={_tiny_model_dir(tmp)}", "rollout.max_new_tokens=6", "data.eval_size=2",
+        base = [f"model.path={model_dir('tiny')}", "rollout.max_new_tokens=6", "data.eval_size=2",
                 "train.eval_max_new_tokens=4", "rewards.num_workers=1"]
         if args.out == parser.get_default("out"):
             args.out = str(tmp / "lora")
