@@ -60,7 +60,11 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
     ds_ref = fill_ds_config(read_ds_config(ref_ds_config, DEFAULT_REFERENCE_CONFIG, option="--ref-ds-config"), cfg,
                             world, training=False, precision=precision)
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
-    resolve_model_path(cfg.model.path, convert=False)
+    model_dir = resolve_model_path(cfg.model.path, convert=False)
+    if cfg.model.lora.enabled:
+        from aapo_app.lora import check_model_targets
+
+        check_model_targets(model_dir, cfg.model.lora)
     notes = _check_machine(cfg, algorithm, here, precision)
     if not here and cfg.precision == "auto" and ds_precision_unset(raw_policy):
         notes.append("precision=auto is decided on the machine that runs: bf16 on a GPU or a CPU with AMX / "
@@ -226,7 +230,7 @@ class TrainingParts:
     """What ``aapo train`` runs on: the engines, the generators of the two groups and the cache."""
 
     policy: object  # ZeroModel (trainable)
-    reference: object | None  # ZeroModel of the frozen reference, when something needs it
+    reference: object | None  # ZeroModel of the frozen reference (KL log-probs), or with LoRA the base scorer
     generator: object  # Generator of the policy group and the held-out evaluation
     reference_generator: object | None  # Generator of the reference group (None: cached or unused)
     reference_cache: object | None
@@ -252,7 +256,14 @@ def build_training(plan: Plan, files: ModelFiles, rank: int, max_model_len: int)
         plan.notes.append(f"rollout.reference_cache is ignored: {cfg.algorithm.name} samples no reference group")
 
     ds = plan.ds_policy
-    policy = ZeroModel(load_causal_lm(files.path, ds_config=ds), ds, trainable=True, gather=cfg.rollout.gather,
+    model = load_causal_lm(files.path, ds_config=ds)
+    lora = cfg.model.lora
+    if lora.enabled:  # adapters on the frozen base (aapo_app/lora.py); the same initial adapters on every rank
+        from aapo_app.lora import apply_lora
+
+        torch.manual_seed(cfg.train.seed)
+        apply_lora(model, lora, cfg.model.path)
+    policy = ZeroModel(model, ds, trainable=True, gather=cfg.rollout.gather,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                        learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                        hybrid_engine=cfg.rollout.deepspeed_hybrid_engine,
@@ -261,11 +272,19 @@ def build_training(plan: Plan, files: ModelFiles, rank: int, max_model_len: int)
     samples_online = algorithm.uses_reference_samples and cache is None
     vllm = cfg.rollout.backend == "vllm"
     reference = None
-    if algorithm.uses_reference_logprobs or (samples_online and not vllm):
+    base_is_reference = lora.base_is_reference  # the policy with its adapters disabled is the reference
+    if base_is_reference:
+        from aapo_app.lora import BaseGenerator, BaseScorer
+
+        reference = BaseScorer(policy) if algorithm.uses_reference_logprobs else None
+    elif algorithm.uses_reference_logprobs or (samples_online and not vllm):
         reference = reference_model(files, plan.ds_ref, cfg.rollout.gather)
     if not vllm:
         generator = deepspeed_generator(policy, files, cfg.rollout)
-        ref_generator = deepspeed_generator(reference, files, cfg.rollout, "reference") if samples_online else None
+        ref_generator = None
+        if samples_online:
+            ref_generator = (BaseGenerator(generator) if base_is_reference
+                             else deepspeed_generator(reference, files, cfg.rollout, "reference"))
         return TrainingParts(policy, reference, generator, ref_generator, cache)
 
     from aapo_app.rollout import stream_seed
@@ -274,8 +293,11 @@ def build_training(plan: Plan, files: ModelFiles, rank: int, max_model_len: int)
     r = cfg.rollout
     generator, ref_generator = build_engines(
         cfg.vllm, files.path, files.tokenizer, files.eos_ids, rank=rank,
-        seed=stream_seed(cfg.train.seed, "vllm", rank), reference=samples_online,
-        max_num_seqs=cfg.vllm.max_num_seqs or r.prompts_per_rank * r.group_size, max_model_len=max_model_len)
+        seed=stream_seed(cfg.train.seed, "vllm", rank), reference=samples_online and not base_is_reference,
+        max_num_seqs=cfg.vllm.max_num_seqs or r.prompts_per_rank * r.group_size, max_model_len=max_model_len,
+        lora=lora if lora.enabled else None)
+    if samples_online and base_is_reference:  # the same vLLM engine, requests without the adapter
+        ref_generator = BaseGenerator(generator)
     # building an engine reseeds python, numpy and torch: put the run's seeds back
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

@@ -3,7 +3,9 @@
 A checkpoint is a directory ``<run>/checkpoints/step-<N>/`` holding
 
 * the policy's full weights and tokenizer as a Hugging Face model (``config.json``,
-  ``model.safetensors``, ...): ``aapo eval --run`` and ``from_pretrained`` read these;
+  ``model.safetensors``, ...): ``aapo eval --run`` and ``from_pretrained`` read these; with LoRA
+  (``model.lora``) the adapter alone instead (``adapter_config.json``, ``adapter_model.safetensors``,
+  peft's format), and the DeepSpeed state below holds the adapter parameters only (docs/lora.md);
 * ``deepspeed/``: the DeepSpeed engine checkpoint (every rank's ZeRO partitions, the optimizer
   states and the learning-rate scheduler), written by ``engine.save_checkpoint``;
 * ``ranks/rank<r>.pt``: each rank's RNG states (torch, CUDA, Python) and prompt-sampler position;
@@ -298,8 +300,13 @@ class Checkpointer:
     """Saving and restoring one run's checkpoints (the layout in the module docstring). Every method
     is collective: all ranks call it."""
 
-    def __init__(self, run_dir: Path, rank: int, world: int, keep: int):
+    def __init__(self, run_dir: Path, rank: int, world: int, keep: int, lora=None, base_model: str | None = None):
+        """``lora``: the run's :class:`~aapo_app.lora.LoraSettings` (adapter-only checkpoints when
+        enabled); ``base_model``: its ``model.path``, recorded in the adapter's config."""
+        from aapo_app.lora import LoraSettings
+
         self.run_dir, self.rank, self.world, self.keep = Path(run_dir), rank, world, keep
+        self.lora, self.base_model = lora or LoraSettings(), base_model
 
     def check_disk_space(self, policy, saves: int) -> None:
         """Refuse to start when the disk cannot hold the checkpoints this run will keep at once: before
@@ -314,7 +321,8 @@ class Checkpointer:
             peak = existing + saves
         if peak <= existing:
             return
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters())
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters()
+                    if p.requires_grad or not self.lora.enabled)  # LoRA: the adapters alone are saved
         one = checkpoint_bytes(numel, 4, self.world)
         need, free = (peak - existing) * one, shutil.disk_usage(self.run_dir).free
         if free < need:
@@ -340,8 +348,15 @@ class Checkpointer:
         barrier()
         failure = ""
         try:
-            policy.save_pretrained(tmp, tokenizer)
-            policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            if self.lora.enabled:  # the adapter alone; the frozen base is model.path
+                from aapo_app.lora import save_adapter_checkpoint
+
+                save_adapter_checkpoint(policy, tmp, tokenizer, self.lora, self.base_model)
+                state = {**state, "lora": self.lora.to_record()}
+            else:
+                policy.save_pretrained(tmp, tokenizer)
+            policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                          exclude_frozen_parameters=self.lora.enabled)
             (tmp / "ranks").mkdir(exist_ok=True)
             torch.save(rank_state(sampler), tmp / "ranks" / f"rank{self.rank}.pt")
             if self.rank == 0:
@@ -377,12 +392,17 @@ class Checkpointer:
         and the RNGs, cut the run's logs back to its step, and return its ``trainer_state.json``."""
         from aapo_app.engine import barrier
 
+        from aapo_app.lora import check_checkpoint_matches
+
         state = read_state(step_dir)
+        check_checkpoint_matches(state, self.lora, "--resume")
         if state.get("world_size") != self.world:
             raise AapoError(f"--resume: the checkpoint was written by {state.get('world_size')} ranks and this run has "
                             f"{self.world}; resume with the same number of ranks")
+        # a LoRA checkpoint holds no frozen (base) parameters: they stay as model.path loaded them
         load_path, _ = policy.engine.load_checkpoint(str(step_dir / "deepspeed"), tag="state",
-                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                     load_module_strict=not self.lora.enabled)
         if load_path is None:
             raise AapoError(f"--resume: DeepSpeed could not load {step_dir / 'deepspeed'}; resume from another step")
         rank_file = step_dir / "ranks" / f"rank{self.rank}.pt"

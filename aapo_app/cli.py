@@ -171,8 +171,11 @@ def _resume_config(resume, output_dir, config_path, extra):
     cfg = load_run_config(config_path, [e for e in extra if not e.startswith("output_dir=")] + [f"output_dir={run_dir}"],
                           base=None if config_path else saved["config"])
     old, new = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    defaults = _flatten(load_run_config(None, [f"algorithm.name={cfg.algorithm.name}"]).to_dict())
     for key in sorted(set(old) | set(new)):
         if key in ("train.max_steps", "output_dir") or old.get(key) == new.get(key):
+            continue
+        if key not in old and new.get(key) == defaults.get(key):  # a key added since the run started, at its default
             continue
         raise AapoError(f"--resume: the run was trained with {key}={old.get(key)!r} but this command gives "
                         f"{new.get(key)!r}; resume with the run's own config (only train.max_steps may change) "
@@ -306,7 +309,10 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, flags, k_te
             if damage:
                 raise AapoError(f"--run: the weights of checkpoint {spec.path} are damaged ({damage}); evaluate "
                                 f"another --step (or export it again from its DeepSpeed state with aapo export)")
-        resolve_model_path(spec.path, convert=False)
+        if spec.base_model:  # a LoRA checkpoint: its adapter is merged into this base model to evaluate it
+            resolve_model_path(spec.base_model, convert=False)
+        else:
+            resolve_model_path(spec.path, convert=False)
     if settings.backend == "vllm":
         from aapo_app.vllm_engine import check_vllm_machine
 
@@ -367,13 +373,17 @@ def _run_eval(models, run_dir, step, benchmarks, data_dir, protocol, flags, k_te
 @click.option("--step", default=None, help="Checkpoint step (default: the latest).")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), show_default=True,
               help="Weight dtype; auto keeps the training dtype (the checkpoint's config).")
-def export_command(run_dir, out, step, dtype):
+@click.option("--what", default="merged", type=click.Choice(["merged", "adapter"]), show_default=True,
+              help="LoRA runs (model.lora): the adapter merged into the base model (a transformers model), or "
+                   "the adapter alone (peft's format, loaded with PeftModel.from_pretrained).")
+def export_command(run_dir, out, step, dtype, what):
     """Export a training run's checkpoint as a Hugging Face model directory (safetensors, config,
-    tokenizer, generation config) that from_pretrained and `aapo eval --model` load."""
+    tokenizer, generation config) that from_pretrained and `aapo eval --model` load; a LoRA run's
+    merged model or its adapter alone (--what)."""
     from aapo_app.export import export
 
     try:
-        path = export(run_dir, out, step, dtype)
+        path = export(run_dir, out, step, dtype, what)
     except AapoError as exc:
         _fail(str(exc))
     click.echo(f"exported: {path}")

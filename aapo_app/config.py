@@ -20,6 +20,7 @@ import yaml
 from aapo_app.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, algorithm_params_class
 from aapo_app.data import DataConfig, apply_data_preset
 from aapo_app.errors import AapoError
+from aapo_app.lora import LoraSettings, check_lora_run
 from aapo_app.models import EMBEDDED_DEFAULT
 
 
@@ -31,14 +32,17 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    """Which model to train; the frozen reference is a second copy of the same weights."""
+    """Which model to train; the frozen reference is a second copy of the same weights (with LoRA:
+    the policy with its adapters disabled, docs/lora.md)."""
 
     path: str = _f(EMBEDDED_DEFAULT, "HF hub id, local HF directory, .gguf file, or the embedded SmolLM2-135M-Instruct")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (training mode only)")
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
         if not self.path:
             raise AapoError(f"model.path is empty; give a model or '{EMBEDDED_DEFAULT}'")
+        self.lora.validate()
 
 
 @dataclass
@@ -292,6 +296,7 @@ class RunConfig:
         for section in (self.model, self.data, self.rollout, self.vllm, self.rewards, self.train):
             section.validate()
         self.vllm.validate_for(self.rollout)
+        check_lora_run(self)
         self.algorithm.params.validate()
         sequences = self.rollout.prompts_per_rank * self.rollout.group_size
         mini_batches = self.mini_batches

@@ -174,6 +174,11 @@ class SharedView:
 
         with torch.device("meta"):
             self.module = AutoModelForCausalLM.from_config(source.config)
+            if getattr(source, "peft_config", None):  # LoRA: the same adapters, so that the names match
+                from peft import inject_adapter_in_model
+
+                for name, config in source.peft_config.items():
+                    inject_adapter_in_model(config, self.module, adapter_name=name)
         self.module.eval()
         # kept so that save_pretrained writes the model's generation_config.json into checkpoints;
         # generate never reads it (aapo_app.rollout.generate_in_mode passes our settings only)

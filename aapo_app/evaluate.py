@@ -172,19 +172,27 @@ class ModelSpec:
     """One row of the results table."""
 
     label: str
-    path: str  # what resolve_model_path accepts
+    path: str  # what resolve_model_path accepts (or a LoRA checkpoint: its adapter)
     source: dict = field(default_factory=dict)  # e.g. {"run": dir, "step": 12}
+    base_model: str = ""  # a LoRA checkpoint: the model.path its adapter is merged into (docs/lora.md)
 
 
 def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
     """The saved checkpoints of a training run: ``latest``, ``all``, or one step number."""
     from aapo_app.checkpoint import saved_checkpoints, select_steps
 
-    found = saved_checkpoints(run_dir, "--run", require="config.json")  # the gathered HF weights
+    from aapo_app.lora import ADAPTER_CONFIG, lora_base_model
+
+    # the gathered HF weights, or a LoRA run's adapter
+    found = {s: d for s, d in saved_checkpoints(run_dir, "--run").items()
+             if (d / "config.json").is_file() or (d / ADAPTER_CONFIG).is_file()}
+    if not found:
+        saved_checkpoints(run_dir, "--run", require="config.json")  # its one-line error
     steps = select_steps(found, step, run_dir, allow_all=True)
     root = Path(run_dir).expanduser()
     name = root.resolve().name
-    return [ModelSpec(f"{name}@step-{s}", str(found[s]), {"run": str(root), "step": s}) for s in steps]
+    return [ModelSpec(f"{name}@step-{s}", str(found[s]), {"run": str(root), "step": s}, lora_base_model(found[s]))
+            for s in steps]
 
 
 def _grade(records: list[dict], s: EvalSettings) -> None:
@@ -253,6 +261,26 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
 
     With ``journal_dir`` every finished batch is journaled there; with ``resume`` batches already in
     the journal are taken from it instead of being sampled again."""
+    merged = None
+    if spec.base_model:  # a LoRA checkpoint: evaluated as its base model with the adapter merged in
+        from aapo_app.lora import merge_for_eval
+
+        merged = merge_for_eval(spec, (journal_dir.parent if journal_dir is not None else Path(".")) / "merged", rank)
+    try:
+        return _evaluate_files(spec, merged or spec.path, problems, s, data_dir=data_dir, ds_config=ds_config, rank=rank,
+                               world=world, log=log, journal_dir=journal_dir, resume=resume)
+    finally:
+        if merged is not None:
+            from aapo_app.engine import barrier
+
+            barrier()
+            if rank == 0:
+                import shutil
+
+                shutil.rmtree(merged, ignore_errors=True)
+
+
+def _evaluate_files(spec, path, problems, s, *, data_dir, ds_config, rank, world, log, journal_dir, resume):
     from tqdm import tqdm
 
     from aapo_app.builder import eval_generator, open_model
@@ -260,7 +288,7 @@ def evaluate_model(spec: ModelSpec, problems: dict[str, list[Problem]], s: EvalS
     from aapo_app.generation import Sampling, encode_prompts
     from aapo_app.rollout import stream_seed
 
-    files = open_model(spec.path, rank)
+    files = open_model(path, rank)
     style = PromptStyle(files.tokenizer, s)
     benchmarks = list(problems)
     batches = []  # (benchmark, global batch index, problems) for every batch of every benchmark

@@ -7,6 +7,11 @@ process group). They are loaded into the model's architecture (from the checkpoi
 with the tokenizer and the generation config. The result loads with
 ``AutoModelForCausalLM.from_pretrained`` and ``aapo eval --model``, and its logits equal the
 training engine's (tested).
+
+A LoRA run's checkpoint (``model.lora``) holds the adapter only: ``--what merged`` (the default)
+merges the adapter from the DeepSpeed state into the base model (``model.path``) and writes a plain
+transformers model; ``--what adapter`` writes the adapter alone, in peft's format
+(``PeftModel.from_pretrained(base, out)`` loads it). See docs/lora.md.
 """
 
 from __future__ import annotations
@@ -28,8 +33,14 @@ def find_checkpoint(run_dir: str, step: str | None) -> Path:
     return found[select_steps(found, step, run_dir)[0]]
 
 
-def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto") -> Path:
-    """Write the checkpoint's model to ``out``; returns ``out``."""
+WHAT = ("merged", "adapter")
+
+
+def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto", what: str = "merged") -> Path:
+    """Write the checkpoint's model to ``out`` (``what``: the merged model, or a LoRA run's adapter
+    alone); returns ``out``."""
+    from aapo_app.lora import is_adapter_dir
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = find_checkpoint(run_dir, step)
@@ -41,6 +52,13 @@ def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto")
         raise AapoError(f"--out: '{out}' exists and is not empty; choose a new directory")
     if dtype != "auto" and dtype not in DTYPES:
         raise AapoError(f"--dtype must be auto, fp32, bf16 or fp16 (got {dtype})")
+    if what not in WHAT:
+        raise AapoError(f"--what must be merged or adapter (got {what})")
+    if is_adapter_dir(ckpt):
+        return _export_lora(ckpt, run_dir, out_dir, dtype, what)
+    if what == "adapter":
+        raise AapoError(f"--what adapter: checkpoint '{ckpt}' holds full weights (the run trained without "
+                        f"model.lora), not an adapter; export it with --what merged")
     ds_dir = ckpt / "deepspeed"
     try:
         config = AutoConfig.from_pretrained(ckpt)
@@ -81,13 +99,19 @@ def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto")
         model.generation_config = GenerationConfig.from_pretrained(ckpt)
     except OSError:
         pass  # no generation_config.json in the checkpoint: keep the one built from the config
+    return _write(model, tokenizer, out_dir, {"run_dir": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
+                                              "weights_from": source, "dtype": str(target).replace("torch.", "")})
+
+
+def _write(model, tokenizer, out_dir: Path, meta: dict) -> Path:
+    """``model.save_pretrained`` (a transformers model, or a PeftModel: its adapter), the tokenizer and
+    ``aapo_export.json`` under ``<out>.tmp``, renamed to ``out`` when complete."""
+    out = str(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": ckpt.name, "weights_from": source,
-                "dtype": str(target).replace("torch.", "")}
         (tmp / "aapo_export.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             out_dir.rmdir()
@@ -96,3 +120,32 @@ def export(run_dir: str, out: str, step: str | None = None, dtype: str = "auto")
         shutil.rmtree(tmp, ignore_errors=True)
         raise AapoError(f"--out: cannot write '{out}' ({exc.strerror or exc}); choose a writable directory") from exc
     return out_dir
+
+
+def _export_lora(ckpt: Path, run_dir: str, out_dir: Path, dtype: str, what: str) -> Path:
+    """A LoRA checkpoint: the adapter from its DeepSpeed state, merged into the base or alone."""
+    from transformers import AutoTokenizer
+
+    from aapo_app.checkpoint import read_state
+    from aapo_app.lora import export_lora
+
+    try:
+        base = read_state(ckpt)["config"]["model"]["path"]
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except (AapoError, KeyError, TypeError, OSError, ValueError) as exc:
+        raise AapoError(f"checkpoint '{ckpt}' has no readable trainer state or tokenizer ({exc}); export another "
+                        f"step") from exc
+    target = DTYPES.get(dtype, torch.float32)  # auto: the adapter's training dtype, fp32 on this engine
+    model, source = export_lora(ckpt, out_dir, what, target, base)
+    if what == "merged":
+        try:
+            from transformers import GenerationConfig
+
+            from aapo_app.models import resolve_model_path
+
+            model.generation_config = GenerationConfig.from_pretrained(resolve_model_path(base))
+        except OSError:
+            pass
+    return _write(model, tokenizer, out_dir, {"run_dir": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
+                                              "weights_from": source, "what": what, "base_model": base,
+                                              "dtype": str(target).replace("torch.", "")})

@@ -22,6 +22,10 @@ IGNORED_WARNINGS = (
      FutureWarning, r"torch\.distributed\.c10d_logger",
      "DeepSpeed (0.19) ZeRO-3: deepspeed.comm.torch.TorchBackend picks torch.distributed.reduce_scatter_tensor "
      "(torch 2.13 renamed it reduce_scatter_single) to reduce-scatter gradients; aapo never calls it"),
+    (r"`is_gradient_checkpointing` is deprecated",
+     FutureWarning, r"transformers\.modeling_utils",
+     "peft (0.21) PeftModel.__init__ reads model.is_gradient_checkpointing (deprecated in transformers 5) when "
+     "aapo export / aapo eval --run build the base model with its LoRA adapter; aapo never reads it"),
 )
 
 

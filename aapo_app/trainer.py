@@ -116,7 +116,8 @@ class Trainer:
                                                     if self.tis else ""), file=sys.stderr)
             for note in plan.notes + notes:
                 tqdm.write(f"note: {note}", file=sys.stderr)
-        self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints)
+        self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints,
+                                        lora=cfg.model.lora, base_model=cfg.model.path)
         self.history: list[dict] = []
         self.start_step, self.eval_before = 1, None
         self.nonfinite_in_a_row = 0

@@ -385,7 +385,7 @@ class VLLMEngine(Generator):
         self._wake(["weights"])
         if self.sync is not None:
             if self.sync.needs_push():
-                push_weights_checked(self._trainer_module, self, self._reference)
+                self._push()
                 self.sync.did_push()
             self.sync.woke()
         self._wake(["kv_cache"])
@@ -400,6 +400,10 @@ class VLLMEngine(Generator):
 
     def _wake(self, tags: list[str]) -> None:
         """Take back the GPU memory of ``tags`` (a sleeping colocated engine)."""
+
+    def _push(self) -> None:
+        """Hand the engine the trainer's current weights (checked). Collective."""
+        push_weights_checked(self._trainer_module, self, self._reference)
 
     # -- weights (subclasses: load_weights, reset_prefix_cache, probe, storage_ids) -----------
     def take_weights(self, module) -> int:
@@ -431,7 +435,10 @@ class ColocatedVLLM(VLLMEngine):
 
     def __init__(self, model_path: str, tokenizer, eos_ids: list[int], *, seed: int, sleep_level: int,
                  gpu_memory_utilization: float, max_model_len: int | None, max_num_seqs: int | None,
-                 dtype: str = "auto", role: str = "policy"):
+                 dtype: str = "auto", role: str = "policy", lora=None):
+        """``lora`` (:class:`aapo_app.lora.LoraSettings`): serve the base with LoRA enabled; the trainer's
+        adapter is pushed after each change instead of the full weights (:meth:`_push`), and a
+        ``sample(..., adapter=False)`` request goes to the base alone (the reference group)."""
         super().__init__(tokenizer, eos_ids)
         check_vllm()
         _join_process_group()
@@ -446,6 +453,11 @@ class ColocatedVLLM(VLLMEngine):
         self.reports_logprobs = role == "policy" and vllm_version() >= PROCESSED_LOGPROBS_VLLM
         if self.reports_logprobs:
             optional["logprobs_mode"] = "processed_logprobs"
+        self.lora, self.model_path, self.adapters, self.lora_request = lora, model_path, None, None
+        if lora is not None:
+            from aapo_app.lora import vllm_max_lora_rank
+
+            optional.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora.rank), max_loras=1)
         try:
             self.llm = vllm.LLM(
                 model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=1,
@@ -491,6 +503,29 @@ class ColocatedVLLM(VLLMEngine):
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
+    def _push(self) -> None:
+        """With LoRA: only the adapter. It is gathered from its ZeRO-3 partitions, written as a peft
+        adapter directory (:class:`aapo_app.lora.AdapterPublisher`, a new version and id each time) and
+        named by a new ``LoRARequest``, which vLLM loads at the next request that carries it; the
+        previous version is removed from the engine. The base weights are never pushed."""
+        if self.lora is None:
+            return super()._push()
+        import tempfile
+
+        from aapo_app.lora import AdapterPublisher
+
+        if self.adapters is None:
+            self.adapters = AdapterPublisher(tempfile.mkdtemp(prefix="aapo-lora-"), self.lora, self.model_path)
+        old = self.lora_request
+        name, lora_id, path = self.adapters.publish(self._trainer_module)
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = LoRARequest(name, lora_id, path)
+        if old is not None:
+            with contextlib.suppress(Exception):  # an adapter vLLM never loaded (no request carried it)
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+        self.reset_prefix_cache()
+
     def probe(self) -> dict[str, torch.Tensor]:
         return probe_slices(dict(self._model().named_parameters()))
 
@@ -503,9 +538,10 @@ class ColocatedVLLM(VLLMEngine):
 
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_samples: int, sampling: Sampling,
-               seed: int):
+               seed: int, adapter: bool = True):
         """``num_samples`` completions per prompt (greedy when temperature is None): one request per
-        completion with its own seed; prefix caching shares the prompt's prefill among them."""
+        completion with its own seed; prefix caching shares the prompt's prefill among them. With
+        LoRA, ``adapter=False`` samples the base alone (the reference group)."""
         prompts = prompt_token_lists(prompt_ids, prompt_mask)
         seeds = request_seeds(seed, len(prompts), num_samples)
         s, greedy = sampling, sampling.temperature is None
@@ -519,7 +555,8 @@ class ColocatedVLLM(VLLMEngine):
                     min_tokens=s.max_new_tokens if s.ignore_eos else 0,
                     stop_token_ids=list(self.eos_ids), skip_special_tokens=True,
                     logprobs=0 if self.reports_logprobs and not greedy else None))
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        lora = {"lora_request": self.lora_request} if adapter and self.lora_request is not None else {}
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False, **lora)
         completions = [c for out in outputs for c in out.outputs]
         rows = completion_rows([c.token_ids for c in completions], self.eos_ids, s.max_new_tokens)
         logprobs = [sampled_logprobs(c.token_ids, c.logprobs) for c in completions]
@@ -859,7 +896,7 @@ def check_vllm_run(cfg, algorithm) -> None:
 
 
 def build_engines(v, model_path: str, tokenizer, eos_ids: list[int], *, rank: int, seed: int, reference: bool,
-                  max_num_seqs: int, max_model_len: int):
+                  max_num_seqs: int, max_model_len: int, lora=None):
     """The policy's vLLM engine and (when ``reference``) the reference's, per ``vllm.mode``,
     checked apart (:func:`check_engines_apart`). Collective."""
     if v.mode == "server":
@@ -871,7 +908,7 @@ def build_engines(v, model_path: str, tokenizer, eos_ids: list[int], *, rank: in
         return policy, ref
     common = dict(tokenizer=tokenizer, eos_ids=eos_ids, seed=seed, gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=max_model_len,
                   max_num_seqs=max_num_seqs, dtype=v.dtype)
-    policy = ColocatedVLLM(model_path, sleep_level=v.sleep_level, role="policy", **common)
+    policy = ColocatedVLLM(model_path, sleep_level=v.sleep_level, role="policy", lora=lora, **common)
     # vLLM allows one sleep-mode engine per process: the reference engine stays resident
     ref = ColocatedVLLM(model_path, sleep_level=0, role="reference", **common) if reference else None
     check_engines_apart(policy, ref)
