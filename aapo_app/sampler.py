@@ -186,6 +186,8 @@ def fast_linears(model: nn.Module, small_batch: bool = True, fuse: bool = True):
                 layers = [getattr(module, n, None) for n in names]
                 if not all(type(m) is nn.Linear for m in layers):
                     continue
+                if any(hasattr(m.weight, "ds_id") for m in layers):  # ZeRO-3 partitions, gathered by its hooks
+                    continue
                 if len({(m.in_features, m.weight.dtype, m.weight.device) for m in layers}) != 1:
                     continue
                 group = _FusedGroup(layers, small_batch)
