@@ -32,6 +32,27 @@ def peak_matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, 
     return 2 * n**3 / best / 1e9
 
 
+def read_gbps(device: torch.device, gigabytes: float = 0.5, reps: int = 5) -> float:
+    """Best memory read rate of ``reps`` sums over a ``gigabytes`` fp32 tensor (GB/s, 1e9 bytes)."""
+    x = torch.ones(int(gigabytes * 1e9 / 4), device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(device)
+        start = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def cpu_flags_text() -> str:
+    """Which bf16 matrix instructions the CPU has (the figures depend on them)."""
+    from aapo_app.precision import cpu_flags
+
+    flags = cpu_flags()
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+
+
 def machine(device: torch.device) -> str:
     """The GPU's name, or the CPU model and the number of torch threads."""
     if device.type == "cuda":

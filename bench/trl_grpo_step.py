@@ -148,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (TRL/accelerate mixed precision; weights stay fp32)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="EOS never drawn (generate's min_new_tokens = max_new_tokens): fixed-length completions")
     p.add_argument("--out", help="write the JSON result here too")
     return p.parse_args(argv)
 
@@ -182,6 +184,7 @@ def main(argv=None) -> dict:
             gradient_checkpointing=False, torch_compile=False, remove_unused_columns=False,
             eval_strategy="no", save_strategy="no", report_to="none",
             logging_strategy="steps", logging_steps=1, log_completions=False, disable_tqdm=True,
+            generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.ignore_eos else None,
         )
         timer = StepTimer()
         trainer = PlainPromptGRPOTrainer(
@@ -194,6 +197,9 @@ def main(argv=None) -> dict:
     measured = timer.seconds[args.warmup:]
     step_logs = timer.logs[args.warmup:]
     lengths = [log["completions/mean_length"] for log in step_logs]
+    # num_tokens is TRL's running count of prompt + completion tokens
+    counts = [0.0] + [float(log["num_tokens"]) for log in timer.logs]
+    all_tokens = [b - a for a, b in zip(counts, counts[1:])][args.warmup:]
     result = {
         "trl_version": trl.__version__,
         "torch_version": torch.__version__,
@@ -217,6 +223,8 @@ def main(argv=None) -> dict:
         "median_step_seconds": statistics.median(measured) if measured else None,
         "mean_completion_length": statistics.fmean(lengths) if lengths else None,
         "completion_tokens": [round(length * n) for length in lengths],
+        "tokens": [round(t) for t in all_tokens],
+        "warmup_completion_tokens": [round(log["completions/mean_length"] * n) for log in timer.logs[:args.warmup]],
         "logs": timer.logs,
     }
     text = json.dumps(result, indent=2)
