@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import machine, peak_matmul_gflops, write_results  # noqa: E402
 
-PERSIST_ALL = 10 ** 12  # stage3_param_persistence_threshold above any parameter's size
+from aapo_app.ds_config import PERSIST_ALL  # noqa: E402
+
 
 
 def build(args, bf16: bool, persist: bool = False):
@@ -48,8 +49,9 @@ def build(args, bf16: bool, persist: bool = False):
     name = ("zero3_bf16.json" if torch.cuda.is_available() else "zero3_cpu.json")
     ds = read_ds_config(None, name)
     ds["bf16"] = {"enabled": bf16}
-    if persist:  # one rank: every parameter stays gathered, ZeRO-3's hooks fetch and release nothing
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = PERSIST_ALL
+    # persistent (one rank): every parameter stays gathered, ZeRO-3's hooks fetch and release nothing per
+    # forward (what "auto" fills on one rank); else each forward gathers and releases every module
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = PERSIST_ALL if persist else 0
     ds = fill_ds_config(ds, cfg, 1)
     path = resolve_model_path(cfg.model.path)
     policy = ZeroModel(load_causal_lm(path, ds_config=ds), ds, trainable=True, learning_rate=args.learning_rate)

@@ -199,6 +199,7 @@ def test_zero3_loading_partitions_the_weights(tiny_model_dir):
     cfg = load_run_config(None, [f"model.path={tiny_model_dir}", "rollout.prompts_per_rank=2",
                                  "rollout.group_size=2", "train.micro_batch_size=4", "precision=fp32"])
     ds = fill_ds_config(read_ds_config(None, "zero3_cpu.json"), cfg, 1)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partitioned even on one rank
     model = load_causal_lm(str(tiny_model_dir), ds_config=ds)
     params = dict(model.named_parameters())
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())  # partitioned, nothing local
