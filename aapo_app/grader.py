@@ -206,10 +206,11 @@ def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lightev
         correct = math_equal(seen["predicted"], seen["gold"])
         status = "ok" if correct or seen["predicted"] else "no_answer"
         return GradeResult(correct, status, seen["gold"], seen["predicted"])
-    from math_verify import ExprExtractionConfig, parse, verify
+    from math_verify import ExprExtractionConfig, parse
     from sympy import Basic, MatrixBase
 
     from aapo_app.answers import last_boxed
+    from aapo_app.lighteval_match import answers_match
 
     with _lighteval_081_units():
         gold_parsed = _parse_gold(gold, kind)
@@ -222,9 +223,9 @@ def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lightev
     seen["predicted"] = _text(pred_parsed)
     if kind == "answer" and _same_text(last_boxed(prediction), gold):  # word for word a bare gold (prose)
         return GradeResult(True, "ok", seen["gold"], seen["predicted"])
-    # raise_on_error=False (math-verify's default): an error on one (gold, pred) candidate pair
-    # must not hide a match on another, e.g. the plain string comparison.
-    correct = bool(verify(gold_parsed, pred_parsed, float_rounding=LIGHTEVAL_PRECISION, timeout_seconds=None))
+    # lighteval 0.8.1's comparison (not math-verify's verify, which has become more lenient); an
+    # error on one (gold, pred) candidate pair does not hide a match on another
+    correct = answers_match(gold_parsed, pred_parsed, LIGHTEVAL_PRECISION)
     has_math = any(isinstance(x, (Basic, MatrixBase)) for x in pred_parsed)
     status = "ok" if correct or has_math else "no_answer"
     return GradeResult(correct, status, seen["gold"], seen["predicted"])
