@@ -25,10 +25,11 @@ docs/evaluation.md for the measured agreement). The rules, including the surpris
    equations by their sides; else sympy: the same string or value, a zero difference, or equal
    numerically (relative 1e-4).
 
-Where we cannot be the reference: it parses with sympy's ``parse_latex`` (antlr 4.11 runtime) first
-and its own latex2sympy copy last; here sympy's ``parse_expr`` comes first and latex2sympy2_extended
-last (``parse_latex`` needs an antlr runtime this package does not pin). Only the symbolic step can
-differ; the differential check counts how often it does.
+Symbolic parsing follows the reference's order: sympy's ANTLR LaTeX parser (whose grammar reads
+``1,-2`` as 1, which is why the reference compares lists by their first item there), sympy's
+``parse_expr``, then latex2sympy; the reference's last parser is its own copy of latex2sympy, ours is
+latex2sympy2_extended, and ``parse_expr`` (Python's eval underneath) is never given text that could
+reach beyond sympy. The differential check counts the verdicts where these differ.
 
 Everything here is pure Python with no time or memory bound of its own; :mod:`aapo_app.grader` runs
 it in a worker process under a per-item time limit and memory limit (a MemoryError is never
@@ -383,12 +384,13 @@ _UNSAFE_FOR_EVAL = re.compile(r"__|[\"'`]|\.\s*[A-Za-z_]|\blambda\b|\bimport\b")
 
 
 def _to_sympy(s: str):
-    """``s`` as a sympy object: sympy's ``parse_expr``, else latex2sympy2_extended; each first with
-    ``\\\\`` read as ``\\``, then as written. A string nothing parses stays a string."""
+    """``s`` as a sympy object, parsed as the reference does: sympy's LaTeX parser, else ``parse_expr``,
+    else latex2sympy; each first with ``\\\\`` read as ``\\``, then as written. A string nothing
+    parses stays a string."""
     from latex2sympy2_extended import latex2sympy
     from sympy.parsing.sympy_parser import parse_expr
 
-    for parse in (parse_expr, latex2sympy):
+    for parse in (_sympy_parse_latex, parse_expr, latex2sympy):
         for text in (s.replace("\\\\", "\\"), s):
             if parse is parse_expr and _UNSAFE_FOR_EVAL.search(text):
                 continue  # parse_expr evaluates Python: never on text that could reach beyond sympy
@@ -399,6 +401,30 @@ def _to_sympy(s: str):
             except Exception:
                 pass
     return s
+
+
+def _sympy_parse_latex(s: str):
+    """sympy's ANTLR LaTeX parser (``sympy.parsing.latex.parse_latex``), which the reference tries
+    first. Its grammar reads only the first item of a list (``1,-2`` is 1) and drops subscripts
+    (``1112122_3`` is 1112122), and the reference's verdicts follow from that. sympy gates it on the
+    4.11 ANTLR runtime; its generated parser also runs on the runtime latex2sympy2_extended brings
+    (4.13), so it is called here without the gate (the runtime's version notice silenced)."""
+    import contextlib
+    import io
+
+    import antlr4
+    from sympy.parsing.latex import _parse_latex_antlr as impl
+
+    text = s.strip()
+    listener = impl.MathErrorListener(text)
+    with contextlib.redirect_stdout(io.StringIO()):
+        lexer = impl.LaTeXLexer(antlr4.InputStream(text))
+        lexer.removeErrorListeners()
+        lexer.addErrorListener(listener)
+        parser = impl.LaTeXParser(antlr4.CommonTokenStream(lexer))
+        parser.removeErrorListeners()
+        parser.addErrorListener(listener)
+        return impl.convert_relation(parser.math().relation())
 
 
 def symbolic_equal(a: str, b: str) -> bool:

@@ -134,19 +134,36 @@ LIGHTEVAL_PRECISION = 5  # decimal places of lighteval's numeric comparison (the
 
 
 @contextlib.contextmanager
-def _lighteval_081_units():
-    """latex2sympy2_extended as lighteval 0.8.1 ran it (with latex2sympy2_extended 1.0.6): a trailing
-    ``\\text{...}`` unit is dropped, but bare unit words are kept (``1.6 cm`` stays ``1.6 cm`` and is
-    no longer 1.6). 1.0.6's unit-word pattern could never match; 1.10+ strips trailing unit words.
-    The pattern is swapped only while this item is graded, in the grader's own worker process."""
-    from latex2sympy2_extended import math_normalization
+def _lighteval_081_parsing():
+    """latex2sympy2_extended as lighteval 0.8.1 ran it (it pinned latex2sympy2_extended 1.0.6), where
+    the installed 1.10+ reads three things differently:
 
-    saved = math_normalization.units_regex
+    * units: a trailing ``\\text{...}`` unit is dropped but bare unit words are kept (``1.6 cm`` is not
+      1.6); 1.0.6's unit-word pattern could never match, 1.10+ strips trailing unit words;
+    * ``0,111`` is the number 111 (commas are thousands separators), not 0.111;
+    * symbols keep their case (``A`` and ``a`` differ).
+
+    The three are swapped in only while a lighteval item is graded, in the grader's own worker."""
+    from latex2sympy2_extended import latex2sympy2, math_normalization
+
+    saved = math_normalization.units_regex, latex2sympy2.convert_number, latex2sympy2.latex2sympy.__defaults__
+    defaults = list(saved[2])
+    defaults[-1] = latex2sympy2.ConversionConfig(lowercase_symbols=False)
     math_normalization.units_regex = _NEVER
+    latex2sympy2.convert_number = _number_without_decimal_comma
+    latex2sympy2.latex2sympy.__defaults__ = tuple(defaults)
     try:
         yield
     finally:
-        math_normalization.units_regex = saved
+        math_normalization.units_regex, latex2sympy2.convert_number, latex2sympy2.latex2sympy.__defaults__ = saved
+
+
+def _number_without_decimal_comma(number: str):
+    """A number token as latex2sympy2_extended 1.0.6 reads it: commas and spaces dropped, leading
+    zeros dropped (``0,111`` -> 111)."""
+    from sympy import Number
+
+    return Number(number.replace(",", "").replace(" ", "").lstrip("0") or "0")
 
 
 _NEVER = re.compile(r"(?!x)(x)")  # never matches; one group, as the substitution refers to it
@@ -212,7 +229,7 @@ def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lightev
     from aapo_app.answers import last_boxed
     from aapo_app.lighteval_match import answers_match
 
-    with _lighteval_081_units():
+    with _lighteval_081_parsing():
         gold_parsed = _parse_gold(gold, kind)
         seen["gold"] = _text(gold_parsed)
         if not gold_parsed:
