@@ -134,6 +134,8 @@ def validate_settings(s: EvalSettings) -> None:
                         f"set --n-samples {max(s.k)} or more")
     if s.temperature is None and s.n_samples > 1:
         raise AapoError("--greedy gives one answer per problem; drop --greedy or use --n-samples 1")
+    if any(not isinstance(x, str) or not x for x in s.stop):
+        raise AapoError(f"stop: give a list of strings, e.g. stop: ['Question:', 'Answer:'] (got {list(s.stop)!r})")
     if s.backend not in ("hf", "vllm"):
         raise AapoError(f"backend must be one of hf, vllm (got {s.backend!r})")
 
