@@ -235,19 +235,26 @@ def test_benchmark_files_load(all_problems):
         assert len({p.id for p in problems}) == len(problems)  # ids identify problems in samples.jsonl
 
 
+# The golds the references themselves reject when a model boxes the bare gold (the differential check
+# finds the reference's verdict equal to ours on every one of these 1,517 pairs per protocol):
+# OlympiadBench 2349's gold text "$221,$8$" is malformed; Minerva 139's gold "\\lambda_{\\text {red}} / \\sqrt{2}"
+# is normalised once, a prediction twice: the second pass unwraps the "\\text{red}" the gold keeps.
+REFERENCE_REJECTS = {"lighteval": [("olympiadbench", "2349")], "simplerl": [("minerva", "139")]}
+
+
 @pytest.mark.parametrize("protocol", ["lighteval", "simplerl"])
 def test_gold_self_consistency_over_1517_problems(all_problems, protocol):
-    """Every gold, written as a model following the Qwen prompt would write it, grades correct."""
+    """Every gold, written as a model following the Qwen prompt would write it, grades correct against
+    the gold as the protocol's reference reads it, except where the reference itself rejects it."""
+    rejected = []
     with Grader(timeout_s=10.0, protocol=protocol) as grader:
         for name, problems in all_problems.items():
-            golds = [p.gold for p in problems]
-            answers = [f"Let me think step by step. ... Therefore, the final answer is: $\\boxed{{{g}}}$. "
-                       f"I hope it is correct." for g in golds]
-            results = grader.grade_many(golds, answers)
-            unparsed = [(p.id, p.gold) for p, r in zip(problems, results) if not r.gold]
-            wrong = [(p.id, p.gold, r.status) for p, r in zip(problems, results) if not r.correct]
-            assert not unparsed, f"{name}: golds that do not parse: {unparsed[:5]}"
-            assert not wrong, f"{name}: {len(wrong)}/{len(problems)} golds not accepted: {wrong[:5]}"
+            answers = [f"Let me work it out. ... Therefore, the final answer is: $\\boxed{{{p.gold}}}$. "
+                       f"I hope it is correct." for p in problems]
+            results = grader.grade_many([p.reference[protocol][0] for p in problems], answers,
+                                        [p.reference[protocol][1] for p in problems])
+            rejected += [(name, p.id) for p, r in zip(problems, results) if not r.correct]
+    assert rejected == REFERENCE_REJECTS[protocol]
 
 
 def test_benchmarks_load_from_the_hub_by_default(monkeypatch):
