@@ -1,26 +1,39 @@
-"""Qwen2.5-Math-style answer extraction and equality: the ``simplerl`` grading protocol.
+"""The ``simplerl`` grading protocol: the Qwen2.5-Math evaluation's answer extraction and equality.
 
-The simpleRL-Zoo / Qwen2.5-Math evaluation (used for the paper's Llama rows) grades in three steps,
-re-implemented here from its documented behaviour:
+The paper's Llama rows were evaluated with SimpleRL-Zoo's copy of the Qwen2.5-Math evaluation
+(``examples/simplelr_math_eval``: ``parser.py`` extracts and normalises, ``grader.py`` compares).
+This module reproduces its verdicts, rule for rule, in our own code; ``evaluation/differential_check.py``
+runs both on every gold of the five benchmarks and on varied predictions per gold (see
+docs/evaluation.md for the measured agreement). The rules, including the surprising ones:
 
-1. **Extract** (:func:`extract_answer`): the text between ``final answer is $`` and ``$. I hope``
-   when the model followed the Qwen prompt; else the content of the last ``\\boxed{}`` (or
-   ``\\fbox{}``); else what follows the last "the answer is"; else the last number in the text.
-2. **Normalise** (:func:`strip_string`): drop LaTeX spacing, ``\\left``/``\\right``, degrees,
-   dollars, percent signs, trailing units in ``\\text{}`` or ``\\textnormal{}``, a short ``x =``
-   prefix; ``\\dfrac`` and ``\\tfrac`` become ``\\frac``, ``\\frac12`` becomes ``\\frac{1}{2}``,
-   ``a/b`` becomes ``\\frac{a}{b}``, ``1,000`` becomes ``1000`` (groups of three digits after a
-   leading group that does not start with 0: ``0,111`` stays a list), spaces go.
-3. **Compare** (:func:`math_equal`): equal strings; numbers with a base subscript (``1010_2``) by
-   their digits and base, never numerically; equal numbers (relative tolerance 1e-4, and the
-   reference read as a percentage: x, x/100 and 100x all count); tuples and intervals element by
-   element with the same brackets; comma lists of solutions in any order; matrices entry by entry;
-   equations by their sides; else symbolic equality through latex2sympy2_extended and sympy
-   (difference simplifies to 0, or equal numerically).
+1. **Extract** (:func:`extract_answer`), first branch that applies: the text between
+   ``final answer is $`` and ``$. I hope``; else what follows the last ``boxed`` (its braced content,
+   or up to the next ``$``); else what follows the last "he answer is"; else the last "final answer
+   is"; else the last number in the text (commas removed). Newlines go, a leading ``:`` and a
+   trailing ``.`` or ``/`` go, then :func:`strip_string` runs on it twice (once in extraction, once
+   when the prediction is scored).
+2. **Normalise** (:func:`strip_string`): a trailing ``\\text{...}`` goes (a unit) unless it is the
+   whole answer; unit words (the Qwen2.5-Math list, :data:`UNIT_WORDS`, e.g. ``cm``, ``degree``, but
+   also single letters such as ``a``, ``m``, ``s``) are removed wherever they stand alone, except for
+   Minerva, whose answers keep them; ``\\text{X}`` becomes ``X``; degrees, dollars, ``%`` and ``x=``
+   prefixes go; number words become digits ("two" -> 2); ``5.0`` becomes ``5``; ``a/b`` becomes
+   ``\\frac{a}{b}``; spaces go.
+3. **Compare** (:func:`math_equal`): equal strings (case-insensitive); a letter A-E against a choice;
+   numbers (commas dropped) within relative tolerance 1e-4, the reference also read as x/100 and
+   100x; equal after dropping every bracket and brace (so ``(3,4]`` equals ``[3,4)``); bracketed
+   lists element by element **in order**, whatever the bracket types; matrices entry by entry;
+   equations by their sides; else sympy: the same string or value, a zero difference, or equal
+   numerically (relative 1e-4).
+
+Symbolic parsing follows the reference's order: sympy's ANTLR LaTeX parser (whose grammar reads
+``1,-2`` as 1, which is why the reference compares lists by their first item there), sympy's
+``parse_expr``, then latex2sympy; the reference's last parser is its own copy of latex2sympy, ours is
+latex2sympy2_extended, and ``parse_expr`` (Python's eval underneath) is never given text that could
+reach beyond sympy. The differential check counts the verdicts where these differ.
 
 Everything here is pure Python with no time or memory bound of its own; :mod:`aapo_app.grader` runs
-it in a worker process under the same per-item time limit and memory limit as math-verify (a
-MemoryError is never swallowed here: it propagates, and the grader scores the item as an error).
+it in a worker process under a per-item time limit and memory limit (a MemoryError is never
+swallowed here: it propagates, and the grader scores the item as an error).
 """
 
 from __future__ import annotations
@@ -32,7 +45,10 @@ import re
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (braces matched), or ``\\boxed x``."""
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (braces matched), or ``\\boxed x``.
+
+    Used to display and to compare a prediction word for word under the lighteval protocol, and to
+    read Minerva golds; the simplerl extraction has its own rule (:func:`extract_answer`)."""
     idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if idx < 0:
         return None
@@ -54,94 +70,140 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced: the model stopped mid-answer
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+def _after_last_boxed(text: str) -> str:
+    """What the reference takes after the last ``boxed``: the braced group (to its matching brace,
+    or to the end of the text when it never closes), else the text up to the next ``$``."""
+    tail = text.split("boxed")[-1]
+    if not tail.startswith("{"):
+        return tail.split("$")[0].strip()
+    depth, out = 1, []
+    for ch in tail[1:]:
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            break
+        out.append(ch)
+    return "".join(out)
 
 
-def extract_answer(text: str) -> str:
-    """The model's final answer in ``text``, normalised with :func:`strip_string` ("" if none)."""
+_LAST_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+# Benchmarks whose answers keep their unit words (the reference's STRIP_EXCEPTIONS, for our benchmarks).
+KEEP_UNITS = frozenset({"minerva"})
+
+
+def _raw_answer(text: str) -> str:
+    """The answer text the reference's extraction takes, before normalisation."""
     text = text.replace("\u043a\u0438", "")  # a stray Cyrillic "ки" some Qwen checkpoints emit
-    answer = None
-    start = text.rfind("final answer is $")
-    if start >= 0 and "$. I hope" in text[start:]:
-        inner = text[start + len("final answer is $"):]
-        answer = inner[:inner.find("$. I hope")]
-        boxed = last_boxed(answer)
-        answer = boxed if boxed is not None else answer
-    elif "boxed" in text or "\\fbox" in text:
-        answer = last_boxed(text)
-    if answer is None and "he answer is" in text:
-        answer = text.split("he answer is")[-1].strip()
-        answer = answer.lstrip(":").strip()
-        answer = re.split(r"\n\n|(?<=[^\d])\.\s", answer)[0]
-        answer = answer.strip().rstrip(".").strip("$ ")
-    if answer is None:
-        numbers = _NUMBER.findall(text.replace(",", ""))
-        answer = numbers[-1] if numbers else ""
-    return strip_string(answer)
+    if "final answer is $" in text and "$. I hope" in text:
+        pred = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
+    elif "boxed" in text:
+        if not text.split("boxed")[-1]:
+            return ""
+        pred = _after_last_boxed(text)
+    elif "he answer is" in text:
+        pred = text.split("he answer is")[-1].strip()
+    elif "final answer is" in text:
+        pred = text.split("final answer is")[-1].strip()
+    elif "\u7b54\u6848\u662f" in text:  # "the answer is" in Chinese
+        pred = text.split("\u7b54\u6848\u662f")[1].strip().split("\n\n")[0].strip()
+    else:
+        numbers = _LAST_NUMBER.findall(text.replace(",", ""))
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred)
+    if pred.startswith(":"):
+        pred = pred[1:]
+    for end in (".", "/"):
+        if pred.endswith(end):
+            pred = pred[:-1]
+    return pred
+
+
+def extract_answer(text: str, benchmark: str | None = None) -> str:
+    """The model's final answer in ``text``, normalised as the reference scores it ("" if none):
+    :func:`strip_string` twice, once in extraction and once when the prediction is scored.
+
+    ``benchmark`` "minerva" keeps unit words (the reference's ``minerva_math`` exception)."""
+    skip_unit = benchmark in KEEP_UNITS
+    return strip_string(strip_string(_raw_answer(text), skip_unit), skip_unit)
+
+
+def reference_gold(benchmark: str, row: dict) -> str:
+    """The gold answer the reference scores against, from one row of a benchmark file (the layout of
+    the Qwen2.5-Math evaluation data): MATH-500 and Minerva from their solution's extracted answer,
+    OlympiadBench from ``final_answer[0]`` without its ``$``, AIME and AMC from ``answer``."""
+    if benchmark in ("math500", "minerva"):
+        skip_unit = benchmark in KEEP_UNITS
+        gold = strip_string(_raw_answer(str(row["solution"])), skip_unit)
+        if skip_unit:  # the reference only rewrites the comparison operators here
+            return gold.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+        return strip_string(gold)
+    if benchmark == "olympiadbench":
+        answers = row["final_answer"]
+        gold = (answers[0] if isinstance(answers, list) else str(answers)).strip("$")
+    else:
+        gold = row["answer"]
+    return strip_string(gold)
 
 
 # --------------------------------------------------------------------------- normalisation
 
-_UNIT_WORDS = (
-    "degrees", "degree", "cm", "centimeters", "centimeter", "meters", "meter", "mm", "km", "kilometers", "m",
-    "inches", "inch", "feet", "foot", "ft", "yards", "yard", "miles", "mile", "mph", "hours", "hour", "minutes",
-    "minute", "min", "seconds", "second", "sec", "s", "days", "day", "weeks", "week", "years", "year", "dollars",
-    "dollar", "cents", "cent", "units", "unit", "square", "sq", "cubic", "pounds", "pound", "lbs", "kg", "g",
-    "grams", "gram", "liters", "liter", "mL", "ml", "percent", "points", "point", "people", "students", "ways",
-    "cups", "cup", "coins", "marbles", "apples", "books", "pages", "km/h", "m/s", "cm^2", "m^2", "cm^3", "m^3",
+# The unit words the reference removes (mostly from MathQA), each also with a trailing "s". Each is
+# used as a regular expression between non-word characters, as the reference does: "q ." also
+# removes "q" followed by any character, and the single letters remove lone variables ("a", "m").
+# The order matters (an earlier word is removed first) and is the reference's.
+UNIT_WORDS = (
+    "east", "degree", "mph", "kmph", "ft", "m sqaure", " m east", "sq m", "deg", "mile", "q .", "monkey",
+    "prime", "ratio", "profit of rs", "rd", "o", "gm", "p . m", "lb", "tile", "per", "dm", "lt", "gain", "ab",
+    "way", "west", "a .", "b .", "c .", "d .", "e .", "f .", "g .", "h .", "t", "a", "h", "no change", "men",
+    "soldier", "pie", "bc", "excess", "st", "inches", "noon", "percent", "by", "gal", "kmh", "c", "acre", "rise",
+    "a . m", "th", "π r 2", "sq", "mark", "l", "toy", "coin", "sq . m", "gallon", "° f", "profit", "minw", "yr",
+    "women", "feet", "am", "pm", "hr", "cu cm", "square", "v â € ™", "are", "rupee", "rounds", "cubic", "cc",
+    "mtr", "s", "ohm", "number", "kmph", "day", "hour", "minute", "min", "second", "man", "woman", "sec", "cube",
+    "mt", "sq inch", "mp", "∏ cm ³", "hectare", "more", "sec", "unit", "cu . m", "cm 2", "rs .", "rs", "kg", "g",
+    "month", "km", "m", "cm", "mm", "apple", "liter", "loss", "yard", "pure", "year", "increase", "decrease", "d",
+    "less", "Surface", "litre", "pi sq m", "s .", "metre", "meter", "inch",
 )
-_UNIT_TAIL = re.compile(
-    r"(?<=[\d}\)])\s*(?:\\(?:text|textnormal|textrm|mbox|mathrm)\{\s*)?(?:"
-    + "|".join(re.escape(u) for u in sorted(_UNIT_WORDS, key=len, reverse=True))
-    + r")\s*\}?(?:\^\{?[23]\}?)?\s*$"
-)
+_UNIT_PATTERNS = tuple(re.compile(r"(^|\W)" + w + r"($|\W)") for w in UNIT_WORDS + tuple(w + "s" for w in UNIT_WORDS))
+
+
+def _word_to_number(text: str) -> str:
+    """"two" -> "2" (word2number's reading; anything it cannot read stays as it is)."""
+    from word2number import w2n
+
+    try:
+        return str(w2n.word_to_num(text))
+    except Exception:
+        return text
 
 
 def _fix_fracs(s: str) -> str:
-    """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{2}`` -> ``\\frac{1}{2}``."""
+    """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{2}`` -> ``\\frac{1}{2}``; unchanged if a ``\\frac`` has
+    fewer than two characters after it."""
     parts = s.split("\\frac")
     out = parts[0]
     for part in parts[1:]:
         out += "\\frac"
-        if not part or part[0] == "{":
+        if part.startswith("{"):
             out += part
             continue
         if len(part) < 2:
             return s
-        a, rest = part[0], part[1:]
-        if rest[0] == "{":
-            out += "{" + a + "}" + rest
-        else:
-            out += "{" + a + "}{" + rest[0] + "}" + rest[1:]
+        a, b, rest = part[0], part[1], part[2:]
+        out += "{" + a + "}" + (b + rest if b == "{" else "{" + b + "}" + rest)
     return out
 
 
-def _fix_sqrt(s: str) -> str:
-    """``\\sqrt3`` -> ``\\sqrt{3}``."""
-    return re.sub(r"\\sqrt(?!\{|\[)\s*(\w)", r"\\sqrt{\1}", s)
-
-
 def _fix_slash(s: str) -> str:
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
-
-
-def _unwrap_braces(s: str) -> str:
-    """``{5}`` -> ``5`` when the outer braces enclose the whole string."""
-    while len(s) >= 2 and s[0] == "{" and s[-1] == "}":
-        depth = 0
-        for i, ch in enumerate(s):
-            depth += ch == "{"
-            depth -= ch == "}"
-            if depth == 0 and i < len(s) - 1:
-                return s
-        s = s[1:-1]
-    return s
-
-
-# Thousands separators: groups of exactly three digits after a leading group of one to three digits
-# that does not start with 0. "1,000" is 1000; "0,111" is not 111 (a list, or a decimal comma).
-_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?")
+    """``a/b`` with integer a and b (or a square root on either side) -> ``\\frac{a}{b}``."""
+    sides = s.split("/")
+    if len(sides) != 2:
+        return s
+    try:
+        a = sides[0] if "sqrt" in sides[0] else int(sides[0])
+        b = sides[1] if "sqrt" in sides[1] else int(sides[1])
+    except ValueError:
+        return s
+    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
 
 
 def braces_balanced(s: str) -> bool:
@@ -159,209 +221,237 @@ def braces_balanced(s: str) -> bool:
     return depth == 0
 
 
-def strip_string(s: str, skip_unit: bool = False) -> str:
-    """Normalise an answer string so that trivially different writings compare equal."""
-    s = str(s).strip().replace("\n", "").rstrip(".").strip()
-    s = re.sub(r"(?<!\\)\\[!,;:]", "", s)  # LaTeX spacing (not the row break "\\\\")
-    s = re.sub(r"(?<!\\)\\ ", " ", s)
-    if "matrix" not in s:  # a matrix needs its row separators
-        s = s.replace("\\\\", "\\")
-    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\displaystyle", "")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\bigl", "").replace("\\bigr", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\circ", "").replace("°", "")
-    s = s.replace("\\$", "").replace("$", "")
-    s = s.replace("\\%", "").replace("%", "").replace("\\percent", "")
+def strip_string(s, skip_unit: bool = False) -> str:
+    """Normalise an answer string the way the reference does, step for step (the order matters)."""
+    s = str(s).strip().replace("\n", "").rstrip(".")
+    s = s.replace("\\!", "")
+    s = re.sub(r"\\begin\{array\}\{.*?\}", r"\\begin{pmatrix}", s)
+    s = re.sub(r"\\end\{array\}", r"\\end{pmatrix}", s).replace("bmatrix", "pmatrix")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\{", "{").replace("\\}", "}")
+    without_text = re.sub(r"\\text{.*?}$", "", s).strip()  # a trailing \text{...} is a unit
+    if without_text and without_text != s:
+        s = without_text
     if not skip_unit:
-        stripped = _UNIT_TAIL.sub("", s).strip()
-        if stripped:
-            s = stripped
-        stripped = re.sub(r"\\(?:text|textnormal|textrm|mbox)\{[^{}]*\}$", "", s).strip()
-        if stripped and stripped != s and re.search(r"[\d}]$", stripped):
-            s = stripped
-    s = re.sub(r"\\(?:text|textnormal|textrm|textbf|mbox|mathrm|mathbf|operatorname)\{([^{}]*)\}", r"\1", s)
-    s = s.replace("\\dots", "\\ldots").replace("\\cdots", "\\ldots")
-    s = re.sub(r"\s+and\s+", ",", s)
+        for _ in range(2):
+            for pattern in _UNIT_PATTERNS:
+                removed = pattern.sub(r"\1\2", s)
+                if removed:
+                    s = removed
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.replace("\\$", "").replace("$", "").replace("\\(", "").replace("\\)", "")
+    s = _word_to_number(s)
+    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
+    for prefix in ("x=", "y=", "z=", "x\\in", "y\\in", "z\\in", "x\\to", "y\\to", "z\\to"):
+        s = s.replace(prefix, "")
+    s = s.replace("\\emptyset", "{}").replace("(-\\infty,\\infty)", "\\mathbb{R}")
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
     s = s.replace("infinity", "\\infty")
     if "\\infty" not in s:
-        s = re.sub(r"\binf\b", "\\\\infty", s)
-    s = s.replace("\\le ", "\\leq ").replace("\\ge ", "\\geq ").replace("\\ne ", "\\neq ")
-    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)
-    s = s.replace(" .", " 0.").replace("{.", "{0.")
-    if s.startswith("."):
+        s = s.replace("inf", "\\infty")
+    s = s.replace("+\\inity", "\\infty")
+    s = s.replace("and", "").replace("\\mathbf", "")
+    s = re.sub(r"\\mbox{.*?}", "", s)
+    if "j" in s and "i" not in s:
+        s = s.replace("j", "i")
+    s = re.sub(r"(\d+)\.0*([^\d])", r"\1\2", s)  # "5.00x" -> "5x"
+    s = re.sub(r"(\d+)\.0*$", r"\1", s)  # "27.0" -> "27"
+    if not s:
+        return s
+    if s[0] == ".":
         s = "0" + s
-    # "x = 5", "k=3": keep the value when the left side is a short variable name
     sides = s.split("=")
-    if len(sides) == 2 and len(sides[0].strip()) <= 2 and sides[1].strip():
-        s = sides[1].strip()
-    s = _fix_sqrt(s)
+    if len(sides) == 2 and len(sides[0]) <= 2:  # "k = 5" -> " 5"
+        s = sides[1]
+    s = re.sub(r"\\sqrt(\w+)", r"\\sqrt{\1}", s)
     s = s.replace(" ", "")
-    s = _fix_fracs(s)
-    s = _fix_slash(s)
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    s = _unwrap_braces(s).rstrip(".")
-    return s
+    return _fix_slash(_fix_fracs(s))
 
 
 # --------------------------------------------------------------------------- equality
 
 
-def parse_number(s: str) -> float | None:
-    """A plain number ("1,000", "-2.5", "3e-5", "25%", "\\frac{1}{4}" is not one) or None."""
-    s = s.strip().replace("\\%", "%")
-    if _THOUSANDS.fullmatch(s.rstrip("%")):  # thousands separators only
-        s = s.replace(",", "")
-    percent = s.endswith("%")
-    s = s.rstrip("%").strip()
-    m = re.fullmatch(r"(-?\d*\.?\d+(?:[eE][-+]?\d+)?)(?:\\times10\^\{?(-?\d+)\}?)?", s)
-    if not m:
-        return None
-    value = float(m.group(1)) * (10.0 ** int(m.group(2)) if m.group(2) else 1.0)
-    return value / 100 if percent else value
+def _choice(pred: str) -> str:
+    """The last standalone letter A-E in ``pred`` (a multiple-choice answer), else ``pred`` trimmed."""
+    pred = pred.strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    letters = re.findall(r"\b(A|B|C|D|E)\b", pred.upper())
+    pred = letters[-1] if letters else pred.strip().strip(".")
+    return pred.rstrip(".").rstrip("/")
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12 if b == 0 else 0.0)
+def parse_number(s) -> float | None:
+    """The reference's reading of a plain number: commas dropped, then ``float``; ``x%``/``x\\%`` is x/100."""
+    s = str(s).replace(",", "")
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    if s.endswith("%"):
+        s = s[:-1]
+        if s.endswith("\\"):
+            s = s[:-1]
+        try:
+            return float(s) / 100
+        except ValueError:
+            pass
+    return None
 
 
-def _split_top(s: str, sep: str = ",") -> list[str]:
-    """Split at ``sep`` outside any brackets."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == sep and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return parts
+def _close(pred: float, ref: float) -> bool:
+    return math.isclose(ref, pred, rel_tol=1e-4)
 
 
-def _bracketed(s: str) -> bool:
-    if len(s) < 2 or s[0] not in "([" or s[-1] not in ")]":
+def _as_pmatrix(s: str) -> str:
+    """``{a,b}`` groups -> pmatrix columns, as the reference rewrites a gold to compare with a matrix."""
+    groups = re.findall(r"\{.*,.*\}", s.strip())
+    return ", ".join("\\begin{pmatrix}" + g.strip("{}").replace(",", "\\") + "\\end{pmatrix}" for g in groups)
+
+
+_BRACKETED = re.compile(r"(\(|\[).+(\)|\])")
+_MATRIX_BEGIN = ("\\begin{pmatrix}", "\\begin{bmatrix}")
+_MATRIX_END = ("\\end{pmatrix}", "\\end{bmatrix}")
+
+
+def _matrix_rows(s: str) -> list[list[str]]:
+    body = s[len("\\begin{pmatrix}"):-len("\\end{pmatrix}")]
+    return [line.strip().split("&") for line in body.split("\\\\") if line.strip()]
+
+
+def math_equal(prediction, reference, include_percentage: bool = True) -> bool:
+    """True iff the (normalised) prediction equals the (normalised) reference under the reference's rules."""
+    if prediction is None or reference is None:
         return False
-    depth = 0
-    for i, ch in enumerate(s):
-        depth += ch in "(["
-        depth -= ch in ")]"
-        if depth == 0 and i < len(s) - 1:
-            return False
-    return True
-
-
-_MATRIX = re.compile(r"^\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}$", re.DOTALL)
-
-
-def _matrix_cells(s: str) -> list[list[str]] | None:
-    m = _MATRIX.match(s.strip())
-    if not m:
-        return None
-    rows = [r for r in re.split(r"\\\\", m.group(1)) if r.strip()]
-    return [[c.strip() for c in r.split("&")] for r in rows]
-
-
-# A number written in a base: digits, then the base as a subscript ("1112122_3", "10_{2}", "A3_{16}").
-_BASE_NUMBER = re.compile(r"([0-9A-Za-z]+)_(?:\{(\d{1,2})\}|(\d{1,2}))")
-
-
-def base_number(s: str) -> tuple[str, int] | None:
-    """(digits, base) of a number with a base subscript, digits upper-cased without leading zeros;
-    None if ``s`` is not one (the base outside 2..36, or a digit too large for it: ``x_1``, ``a_2``)."""
-    m = _BASE_NUMBER.fullmatch(s.strip())
-    if not m:
-        return None
-    digits, base = m.group(1).upper(), int(m.group(2) or m.group(3))
-    if not 2 <= base <= 36 or any(int(c, 36) >= base for c in digits):
-        return None
-    return digits.lstrip("0") or "0", base
-
-
-def _base_equal(pred: str, ref: str, p_base: tuple[str, int] | None, r_base: tuple[str, int] | None) -> bool:
-    """Numbers in a base compare by digits and base, never numerically (the tolerance would accept
-    a wrong digit). A bare digit string against one with a base: the same digits, base left out."""
-    if p_base is not None and r_base is not None:
-        return p_base == r_base
-    other, (digits, _) = (pred, r_base) if r_base is not None else (ref, p_base)
-    other = other.strip()
-    return re.fullmatch(r"[0-9A-Za-z]+", other) is not None and (other.upper().lstrip("0") or "0") == digits
-
-
-def math_equal(prediction: str, reference: str, include_percentage: bool = True) -> bool:
-    """True iff the (normalised) prediction equals the (normalised) reference mathematically."""
-    pred, ref = str(prediction).strip(), str(reference).strip()
-    if pred.lower() == ref.lower():
+    if str(prediction).strip().lower() == str(reference).strip().lower():
         return True
-    if not pred:
-        return False
-    p_base, r_base = base_number(pred), base_number(ref)
-    if p_base is not None or r_base is not None:
-        return _base_equal(pred, ref, p_base, r_base)
-    p_num, r_num = parse_number(pred), parse_number(ref)
+    if reference in ("A", "B", "C", "D", "E") and _choice(prediction) == reference:
+        return True
+    p_num, r_num = parse_number(prediction), parse_number(reference)
     if p_num is not None and r_num is not None:
         candidates = [r_num / 100, r_num, r_num * 100] if include_percentage else [r_num]
         return any(_close(p_num, c) for c in candidates)
+    if not prediction:
+        return False
 
-    p_cells, r_cells = _matrix_cells(pred), _matrix_cells(ref)
-    if p_cells is not None and r_cells is not None:
-        return (len(p_cells) == len(r_cells) and all(len(a) == len(b) for a, b in zip(p_cells, r_cells))
-                and all(math_equal(a, b, include_percentage) for pa, ra in zip(p_cells, r_cells)
-                        for a, b in zip(pa, ra)))
+    pred, ref = str(prediction).strip(), str(reference).strip()
+    if "pmatrix" in pred and "pmatrix" not in ref:
+        ref = _as_pmatrix(ref)
 
-    # tuples and intervals: same brackets, element by element
-    if _bracketed(pred) and _bracketed(ref):
-        p_items, r_items = _split_top(pred[1:-1]), _split_top(ref[1:-1])
-        if len(p_items) > 1 or len(r_items) > 1:
-            return (pred[0] == ref[0] and pred[-1] == ref[-1] and len(p_items) == len(r_items)
-                    and all(math_equal(a, b, include_percentage) for a, b in zip(p_items, r_items)))
-    # lists of solutions ("1,-2"): any order
-    p_items, r_items = _split_top(pred), _split_top(ref)
-    if len(r_items) > 1 or len(p_items) > 1:
-        if len(p_items) != len(r_items):
-            return False
-        remaining = list(r_items)
-        for a in p_items:
-            match = next((b for b in remaining if math_equal(a, b, include_percentage)), None)
-            if match is None:
-                return False
-            remaining.remove(match)
+    # every bracket and brace dropped: "(3,4]" equals "[3,4)"
+    p_bare, r_bare = pred, ref
+    if (pred.startswith("[") and pred.endswith("]") and not ref.startswith("(")) or \
+            (pred.startswith("(") and pred.endswith(")") and not ref.startswith("[")):
+        p_bare, r_bare = p_bare.strip("[]()"), r_bare.strip("[]()")
+    for ch in "{}()":
+        p_bare, r_bare = p_bare.replace(ch, ""), r_bare.replace(ch, "")
+    if p_bare.lower() == r_bare.lower():
         return True
 
-    # equations: compare lhs - rhs (up to sign); "x=5" against "5" already lost its short lhs
+    # bracketed lists: element by element, in order, whatever the brackets
+    if _BRACKETED.match(pred) and _BRACKETED.match(ref):
+        p_items, r_items = pred[1:-1].split(","), ref[1:-1].split(",")
+        if len(p_items) == len(r_items) and all(
+                math_equal(a, b, include_percentage) for a, b in zip(p_items, r_items)):
+            return True
+
+    if pred.startswith(_MATRIX_BEGIN) and pred.endswith(_MATRIX_END) and \
+            ref.startswith(_MATRIX_BEGIN) and ref.endswith(_MATRIX_END):
+        p_rows, r_rows = _matrix_rows(pred), _matrix_rows(ref)
+        if len(p_rows) == len(r_rows) and all(
+                len(pr) == len(rr) and all(math_equal(a, b, include_percentage) for a, b in zip(pr, rr))
+                for pr, rr in zip(p_rows, r_rows)):
+            return True
+
     if pred.count("=") == 1 and ref.count("=") == 1:
-        pl, pr = pred.split("=")
-        rl, rr = ref.split("=")
-        diff_p, diff_r = f"({pl})-({pr})", f"({rl})-({rr})"
-        return symbolic_equal(diff_p, diff_r) or symbolic_equal(f"-({diff_p})", diff_r)
-    if pred.count("=") == 1 and ref.count("=") == 0:
-        return math_equal(pred.split("=")[1], ref, include_percentage)
+        pl, pr = (x.strip() for x in pred.split("="))
+        rl, rr = (x.strip() for x in ref.split("="))
+        p_diff, r_diff = f"{pl} - ({pr})", f"{rl} - ({rr})"
+        if symbolic_equal(p_diff, r_diff) or symbolic_equal(f"-({p_diff})", r_diff):
+            return True
+    elif pred.count("=") == 1 and len(pred.split("=")[0].strip()) <= 2 and "=" not in ref:
+        if math_equal(pred.split("=")[1], ref, include_percentage):
+            return True
+    elif ref.count("=") == 1 and len(ref.split("=")[0].strip()) <= 2 and "=" not in pred:
+        if math_equal(pred, ref.split("=")[1], include_percentage):
+            return True
     return symbolic_equal(pred, ref)
 
 
+# parse_expr runs Python's eval on its (transformed) input; model output that could name an attribute,
+# a dunder, a string or a lambda never goes there (the reference does not guard; no answer needs these).
+_UNSAFE_FOR_EVAL = re.compile(r"__|[\"'`]|\.\s*[A-Za-z_]|\blambda\b|\bimport\b")
+
+
 def _to_sympy(s: str):
+    """``s`` as a sympy object, parsed as the reference does: sympy's LaTeX parser, else ``parse_expr``,
+    else latex2sympy; each first with ``\\\\`` read as ``\\``, then as written. A string nothing
+    parses stays a string."""
+    from sympy.parsing.sympy_parser import parse_expr
+
+    for parse in (_sympy_parse_latex, parse_expr, _latex2sympy_as_the_reference):
+        for text in (s.replace("\\\\", "\\"), s):
+            if parse is parse_expr and _UNSAFE_FOR_EVAL.search(text):
+                continue  # parse_expr evaluates Python: never on text that could reach beyond sympy
+            try:
+                return parse(text)
+            except MemoryError:
+                raise
+            except Exception:
+                pass
+    return s
+
+
+def _latex2sympy_as_the_reference(s: str):
+    """latex2sympy2_extended, shaped like the reference's own latex2sympy copy where the two differ on
+    lists: a comma inside brackets (a tuple, an interval, a list of tuples) does not parse there, and a
+    bare comma list (``1,2``, ``\\{1,2\\}``) is a Python list, so it compares in order."""
     from latex2sympy2_extended import latex2sympy
 
-    try:
+    depth, top_commas = 0, []
+    for i, ch in enumerate(s):
+        depth += ch in "(["
+        depth -= ch in ")]"
+        if ch == ",":
+            if depth > 0:
+                raise ValueError("a comma inside brackets")
+            top_commas.append(i)
+    if not top_commas:
         return latex2sympy(s)
-    except MemoryError:
-        raise
-    except Exception:
-        from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
-                                                standard_transformations)
+    body = s.replace("\\{", "").replace("\\}", "")
+    return [latex2sympy(part) for part in body.split(",")]
 
-        return parse_expr(s.replace("\\", ""), transformations=standard_transformations
-                          + (implicit_multiplication_application, convert_xor))
+
+def _sympy_parse_latex(s: str):
+    """sympy's ANTLR LaTeX parser (``sympy.parsing.latex.parse_latex``), which the reference tries
+    first. Its grammar reads only the first item of a list (``1,-2`` is 1) and drops subscripts
+    (``1112122_3`` is 1112122), and the reference's verdicts follow from that. sympy gates it on the
+    4.11 ANTLR runtime; its generated parser also runs on the runtime latex2sympy2_extended brings
+    (4.13), so it is called here without the gate (the runtime's version notice silenced)."""
+    import contextlib
+    import io
+
+    import antlr4
+    from sympy.parsing.latex import _parse_latex_antlr as impl
+
+    text = s.strip()
+    listener = impl.MathErrorListener(text)
+    with contextlib.redirect_stdout(io.StringIO()):
+        lexer = impl.LaTeXLexer(antlr4.InputStream(text))
+        lexer.removeErrorListeners()
+        lexer.addErrorListener(listener)
+        parser = impl.LaTeXParser(antlr4.CommonTokenStream(lexer))
+        parser.removeErrorListeners()
+        parser.addErrorListener(listener)
+        return impl.convert_relation(parser.math().relation())
 
 
 def symbolic_equal(a: str, b: str) -> bool:
-    """Symbolic equality through latex2sympy2_extended / sympy: same set, zero difference, or equal values.
-
-    Any error in a step reads as "not equal by that step", except a MemoryError (the grader's worker
-    runs under a memory limit): it propagates, so the grader scores the item 0 and counts it as an error."""
-    import sympy
+    """Equal as sympy objects: the same string or value, ``a.equals(b)`` or a difference that
+    simplifies to 0, equal sides of equations, equal values within relative 1e-4, or matrices equal
+    to 3 decimals. Any error in a step reads as "not equal by that step", except a MemoryError (the
+    grader's worker runs under a memory limit): it propagates, so the grader scores the item an error."""
+    from sympy import N, simplify
 
     try:
         x, y = _to_sympy(a), _to_sympy(b)
@@ -369,31 +459,19 @@ def symbolic_equal(a: str, b: str) -> bool:
         raise
     except Exception:
         return False
-    try:
-        if x == y:
-            return True
-    except MemoryError:
-        raise
-    except Exception:
-        pass
-    if isinstance(x, sympy.Set) or isinstance(y, sympy.Set):
+    steps = (
+        lambda: str(x) == str(y) or x == y,
+        lambda: x.equals(y) or simplify(x - y) == 0,
+        lambda: abs(x.lhs - x.rhs).equals(abs(y.lhs - y.rhs)),
+        lambda: _close(float(N(x)), float(N(y))),
+        lambda: x.shape == y.shape and x.applyfunc(lambda v: round(v, 3)).equals(y.applyfunc(lambda v: round(v, 3))),
+    )
+    for step in steps:
         try:
-            return bool(x == y) or bool(sympy.simplify(x.symmetric_difference(y)) == sympy.S.EmptySet)
+            if step():
+                return True
         except MemoryError:
             raise
         except Exception:
-            return False
-    try:
-        if sympy.simplify(x - y) == 0:
-            return True
-    except MemoryError:
-        raise
-    except Exception:
-        pass
-    try:
-        fx, fy = complex(sympy.N(x)), complex(sympy.N(y))
-        return abs(fx - fy) <= 1e-4 * max(1.0, abs(fy))
-    except MemoryError:
-        raise
-    except Exception:
-        return False
+            pass
+    return False

@@ -14,6 +14,11 @@ normalised into one bare answer string per problem:
 
 Minerva and OlympiadBench golds are LaTeX text: their unescaped ``$`` delimiters are dropped
 (``$69$,$84$`` -> ``69,84``, ``$221,$8$`` -> ``221,8``, a stray ``$ $`` inside a boxed answer).
+
+That bare gold is what results show and what ``aapo grade`` takes. ``aapo eval`` grades against
+the gold as each protocol's reference reads it (:func:`reference_golds`): the lighteval protocol
+extracts it from the reference's own gold column (MATH-500 and Minerva: the whole solution), the
+simplerl protocol normalises it with the Qwen2.5-Math rules.
 """
 
 from __future__ import annotations
@@ -37,17 +42,24 @@ class Benchmark:
     local_name: str  # directory under --data-dir
     problem_columns: tuple[str, ...]  # first present column is the problem
     gold_column: str
+    # lighteval protocol: the column the reference's prompt function hands to the metric as the gold
+    # (first one present), and how the metric reads it ("latex" or "expr" extraction)
+    lighteval_gold_columns: tuple[str, ...] = ("answer",)
+    lighteval_gold_kind: str = "latex"
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("aime24", "HuggingFaceH4/aime_2024", "train", "aime24", ("problem", "question"), "answer"),
-        Benchmark("math500", "HuggingFaceH4/MATH-500", "test", "math500", ("problem",), "answer"),
-        Benchmark("amc23", "knoveleng/AMC-23", "train", "amc23", ("problem", "question"), "answer"),
-        Benchmark("minerva", "knoveleng/Minerva-Math", "train", "minerva_math", ("problem", "question"), "solution"),
+        Benchmark("aime24", "HuggingFaceH4/aime_2024", "train", "aime24", ("problem", "question"), "answer",
+                  ("answer",), "expr"),
+        Benchmark("math500", "HuggingFaceH4/MATH-500", "test", "math500", ("problem",), "answer", ("solution",)),
+        Benchmark("amc23", "knoveleng/AMC-23", "train", "amc23", ("problem", "question"), "answer", ("answer",), "expr"),
+        Benchmark("minerva", "knoveleng/Minerva-Math", "train", "minerva_math", ("problem", "question"), "solution",
+                  ("solution",)),
+        # the hub dataset's gold is its `answer` column; the Qwen2.5-Math layout's is `final_answer`
         Benchmark("olympiadbench", "knoveleng/OlympiadBench", "train", "olympiadbench",
-                  ("question", "problem"), "final_answer"),
+                  ("question", "problem"), "final_answer", ("answer", "final_answer")),
     )
 }
 # the paper's column order
@@ -64,6 +76,8 @@ class Problem:
     gold: str
     raw_gold: object = None
     extra: dict = field(default_factory=dict)  # e.g. olympiadbench's unit and answer type
+    # protocol -> (gold text, gold kind) as that protocol's reference reads it (see reference_golds)
+    reference: dict = field(default_factory=dict)
 
 
 def parse_benchmark_names(spec: str) -> list[str]:
@@ -101,6 +115,28 @@ def normalize_gold(benchmark: str, row: dict) -> str:
     if benchmark == "aime24" and gold.isdigit():
         gold = str(int(gold))
     return gold
+
+
+def reference_golds(benchmark: str, row: dict) -> dict[str, tuple[str, str]]:
+    """The gold of one row as each protocol's reference reads it, with the grader's gold kind.
+
+    * lighteval (open-rs ``evaluate.py`` under lighteval 0.8.1): the text of the column its prompt
+      function passes as the gold, unnormalised: AIME24 and AMC23 ``answer`` (read as expressions;
+      an AMC float is its ``str``, ``27.0``), MATH-500 and Minerva the whole ``solution`` and
+      OlympiadBench ``answer`` (read as LaTeX; a local file in the Qwen2.5-Math layout has
+      ``final_answer``, a list, whose items are joined by commas).
+    * simplerl (SimpleRL-Zoo's Qwen2.5-Math evaluation): :func:`aapo_app.answers.reference_gold`.
+    """
+    from aapo_app.answers import reference_gold
+
+    b = BENCHMARKS[benchmark]
+    column = next((c for c in b.lighteval_gold_columns if c in row), None)
+    if column is None:
+        raise AapoError(f"{benchmark}: a row has none of the gold columns {', '.join(b.lighteval_gold_columns)} "
+                        f"(columns: {', '.join(row)}); check --data-dir points at the benchmark files")
+    value = row[column]
+    text = ",".join(str(x) for x in value) if isinstance(value, list) else str(value)
+    return {"lighteval": (text, b.lighteval_gold_kind), "simplerl": (reference_gold(benchmark, row), f"ref:{benchmark}")}
 
 
 def _strip_dollars(s: str) -> str:
@@ -161,5 +197,6 @@ def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = N
             raise AapoError(f"{name}: row {i} has none of the problem columns {', '.join(b.problem_columns)}")
         extra = {k: row[k] for k in ("unit", "answer_type", "subject", "level", "type") if row.get(k) is not None}
         pid = row.get("id", row.get("unique_id", row.get("idx", i)))
-        problems.append(Problem(name, str(pid), str(row[column]), normalize_gold(name, row), row[b.gold_column], extra))
+        problems.append(Problem(name, str(pid), str(row[column]), normalize_gold(name, row), row[b.gold_column], extra,
+                                reference_golds(name, row)))
     return problems

@@ -211,7 +211,8 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Evaluation settings (YAML or JSON): protocol, prompt_template, system_prompt, use_chat_template, "
                    "temperature, top_p, top_k, max_new_tokens, n_samples, k, seed, batch_size, limit, backend, "
-                   "sampler, verify_timeout_s. KEY=VALUE arguments and the flags below override it.")
+                   "sampler, verify_timeout_s, stop, reference_quirks. KEY=VALUE arguments and the flags below "
+                   "override it.")
 @click.option("--model", "models", multiple=True,
               help="Model to evaluate (hub id, HF directory, .gguf, embedded:smollm2-135m-instruct); repeat for "
                    "several rows. Without --model or --run: the embedded default.")
@@ -222,9 +223,11 @@ def _install_stop_handlers(trainer) -> None:
                                                 "math500/, amc23/, minerva_math/, olympiadbench/ (test.jsonl, else "
                                                 "the first *.jsonl); default: the hub datasets.")
 @click.option("--protocol", default=None, type=click.Choice(["lighteval", "simplerl"]),
-              help="lighteval: chat template, Qwen evaluation prompt, T 0.6, top-p 0.95, 32768 tokens, math-verify. "
-                   "simplerl: no system prompt, T 1.0, top-p 0.95, 3072 tokens, Qwen2.5-Math extraction/equality. "
-                   "Default: the --config file's, else lighteval.")
+              help="lighteval (open-rs evaluate.py under lighteval 0.8.1): chat template, Qwen evaluation prompt, "
+                   "T 0.6, top-p 0.95, 32768 tokens, lighteval's extractive match at 5 decimals. simplerl "
+                   "(SimpleRL-Zoo's Qwen2.5-Math evaluation): raw abel prompt, stop at Question:/Answer:, T 1.0, "
+                   "top-p 0.95, 16000 tokens, Qwen2.5-Math extraction/equality. Default: the --config file's, "
+                   "else lighteval.")
 @click.option("--temperature", type=float, default=None, help="Override the protocol's temperature.")
 @click.option("--top-p", type=float, default=None, help="Override the protocol's top-p.")
 @click.option("--top-k", type=int, default=None, help="Top-k sampling (0 = off).")
@@ -234,6 +237,9 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--system-prompt", default=None, help="A system message (default: none under both protocols).")
 @click.option("--prompt-template", default=None, help="User message with {problem}; default: the protocol's.")
 @click.option("--no-chat-template", is_flag=True, help="Plain-text prompts even if the tokenizer has a chat template.")
+@click.option("--reference-quirks", is_flag=True, default=None,
+              help="lighteval protocol: tokenize chat-templated prompts with special tokens, as the reference "
+                   "does (two BOS tokens for templates that write their own, e.g. DeepSeek-R1-Distill).")
 @click.option("--n-samples", type=int, default=None, help="Samples per problem (pass@1 is their mean).")
 @click.option("--k", "k_text", default=None, help="Comma list of k for unbiased pass@k, e.g. 1,4,16 (default 1).")
 @click.option("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
@@ -255,7 +261,8 @@ def _install_stop_handlers(trainer) -> None:
 @click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True)
 @click.argument("overrides", nargs=-1)
 def eval_command(config_path, models, run_dir, step, benchmarks, data_dir, protocol, temperature, top_p, top_k, greedy,
-                 max_new_tokens, system_prompt, prompt_template, no_chat_template, n_samples, k_text, limit,
+                 max_new_tokens, system_prompt, prompt_template, no_chat_template, reference_quirks, n_samples,
+                 k_text, limit,
                  batch_size, seed, backend, sampler, ds_config, output_dir, verify_timeout, resume, local_rank,
                  overrides):
     """Evaluate models on the paper's math benchmarks: pass@1 / pass@k, a markdown table, results.json
@@ -267,7 +274,8 @@ def eval_command(config_path, models, run_dir, step, benchmarks, data_dir, proto
             temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, max_new_tokens=max_new_tokens,
             system_prompt=system_prompt, prompt_template=prompt_template, n_samples=n_samples, limit=limit,
             batch_size=batch_size, seed=seed, backend=backend, sampler=sampler, verify_timeout_s=verify_timeout,
-            use_chat_template=False if no_chat_template else None), k_text, ds_config, output_dir, resume,
+            use_chat_template=False if no_chat_template else None,
+            reference_quirks=True if reference_quirks else None), k_text, ds_config, output_dir, resume,
             config_path, list(overrides))
     except AapoError as exc:
         _fail(str(exc))

@@ -33,7 +33,11 @@ QWEN_EVAL_PROMPT = (
     "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
     "before answering.\n\n{problem}"
 )
-SIMPLERL_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+# SimpleRL-Zoo's "abel" template, the raw prompt its zero-RL Llama models are evaluated with (and the
+# format of the simplelr_abel training data); render_prompt adds the final newline of plain-text prompts
+SIMPLERL_PROMPT = "Question:\n{problem}\nAnswer:\nLet's think step by step."
+# the Qwen2.5-Math evaluation's stop strings for the abel template (its defaults plus "Question:", "Answer:")
+SIMPLERL_STOP = ("</s>", "<|im_end|>", "<|endoftext|>", "Question:", "Answer:")
 
 
 @dataclass
@@ -57,14 +61,20 @@ class EvalSettings:
     sampler: Literal["aapo", "hf"] = "aapo"  # --backend hf: aapo's decoding loop or transformers' generate
     verify_timeout_s: float = 10.0
     grader_workers: int | None = None
+    stop: tuple[str, ...] = ()  # a completion ends before the first of these strings (as vLLM's ``stop``)
+    # lighteval tokenizes chat-templated prompts with add_special_tokens=True: a template that writes
+    # its own BOS (DeepSeek-R1-Distill) gets two. False (default): one BOS; True: as the reference.
+    reference_quirks: bool = False
 
 
 PROTOCOLS: dict[str, EvalSettings] = {
     # lighteval / open-rs (the paper's Qwen rows): chat template, Qwen evaluation prompt, T 0.6, top-p 0.95
     "lighteval": EvalSettings(),
-    # simpleRL-Zoo / Qwen2.5-Math evaluation (the paper's Llama rows): no system prompt, T 1.0, top-p 0.95
+    # SimpleRL-Zoo's Qwen2.5-Math evaluation (the paper's Llama rows, "follow SimpleRL-Reason"): the raw
+    # abel prompt without chat template, its stop strings, T 1.0, top-p 0.95, 16,000 new tokens
     "simplerl": EvalSettings(protocol="simplerl", prompt_template=SIMPLERL_PROMPT, system_prompt=None,
-                             temperature=1.0, top_p=0.95, max_new_tokens=3072),
+                             use_chat_template=False, temperature=1.0, top_p=0.95, max_new_tokens=16000,
+                             stop=SIMPLERL_STOP),
 }
 
 
@@ -85,6 +95,9 @@ def eval_settings(config_path=None, overrides=(), protocol: str | None = None, *
         data["k"] = parse_k(",".join(map(str, k)) if isinstance(k, (list, tuple)) else str(k))
     merged = {**asdict(PROTOCOLS[name]), **data, "protocol": name}
     merged["k"] = tuple(merged["k"])
+    if isinstance(merged.get("stop"), str):
+        raise AapoError("stop: give a list of strings, e.g. stop: ['Question:', 'Answer:'] (got one string)")
+    merged["stop"] = tuple(merged["stop"] or ())
     return protocol_settings(name, base=build_dataclass(EvalSettings, merged, ""), **flags)
 
 
@@ -121,6 +134,8 @@ def validate_settings(s: EvalSettings) -> None:
                         f"set --n-samples {max(s.k)} or more")
     if s.temperature is None and s.n_samples > 1:
         raise AapoError("--greedy gives one answer per problem; drop --greedy or use --n-samples 1")
+    if any(not isinstance(x, str) or not x for x in s.stop):
+        raise AapoError(f"stop: give a list of strings, e.g. stop: ['Question:', 'Answer:'] (got {list(s.stop)!r})")
     if s.backend not in ("hf", "vllm"):
         raise AapoError(f"backend must be one of hf, vllm (got {s.backend!r})")
 
@@ -196,12 +211,23 @@ def run_checkpoints(run_dir: str, step: str = "latest") -> list[ModelSpec]:
 
 
 def _grade(records: list[dict], s: EvalSettings) -> None:
+    """Grade every record against the gold as the protocol's reference reads it."""
     from aapo_app.grader import Grader
 
+    golds = [r.get("reference_gold", r["gold"]) for r in records]
+    kinds = [r.get("gold_kind", "answer") for r in records]
     with Grader(timeout_s=s.verify_timeout_s, num_workers=s.grader_workers, protocol=s.protocol) as grader:
-        results = grader.grade_many([r["gold"] for r in records], [r["completion"] for r in records])
+        results = grader.grade_many(golds, [r["completion"] for r in records], kinds)
     for r, g in zip(records, results):
         r.update(extracted=g.predicted, gold_parsed=g.gold, correct=bool(g.correct), status=g.status)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string (excluded, as vLLM's ``stop`` does), and
+    whether one occurred. Sampling is left to right, so this is the text a generator that stopped there
+    would have returned; only the tokens after it were wasted."""
+    cuts = [i for i in (text.find(x) for x in stop if x) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 def _gather_records(records: list[dict], rank: int, world: int) -> list[dict]:
@@ -316,22 +342,30 @@ def _evaluate_files(spec, path, problems, s, *, data_dir, ds_config, rank, world
                 room = context - max(style.lengths(prompts))
                 if room < max_new:
                     max_new, capped = max(1, room), True
-            ids, mask = encode_prompts(files.tokenizer, prompts, style.add_special_tokens)
+            # the lighteval reference tokenizes templated text with its special tokens (a second BOS)
+            special = style.add_special_tokens or (s.reference_quirks and s.protocol == "lighteval")
+            ids, mask = encode_prompts(files.tokenizer, prompts, special)
             out = generator.sample(ids, mask, num_samples=s.n_samples, seed=stream_seed(s.seed, name, b),
                                    sampling=Sampling(max_new, s.temperature, s.top_p, s.top_k))
-            batch_records = [
-                {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
-                 "prompt": prompts[i], "completion": out.texts[i * s.n_samples + j],
-                 "tokens": int(out.lengths[i * s.n_samples + j]),
-                 "truncated": bool(out.truncated[i * s.n_samples + j]), "gold": p.gold, "max_new_tokens": max_new}
-                for i, p in enumerate(items) for j in range(s.n_samples)]
+            batch_records = []
+            for i, p in enumerate(items):
+                reference_gold, kind = p.reference.get(s.protocol, (p.gold, "answer"))
+                for j in range(s.n_samples):
+                    row = i * s.n_samples + j
+                    text, stopped = cut_at_stop(out.texts[row], s.stop)
+                    batch_records.append(
+                        {"model": spec.label, "benchmark": name, "problem_id": p.id, "sample": j, "batch": b,
+                         "prompt": prompts[i], "completion": text, "tokens": int(out.lengths[row]),
+                         "truncated": bool(out.truncated[row]) and not stopped, "stopped_at_stop_string": stopped,
+                         "gold": p.gold, "reference_gold": reference_gold, "gold_kind": kind,
+                         "max_new_tokens": max_new, "context": context})
             if journal is not None:
                 journal.append(name, b, batch_records)
             records += batch_records
             bar.update(len(items))
     bar.close()
     if capped and rank == 0:
-        log(f"note: max new tokens capped to the model's context ({context} positions)")
+        log(f"note: max new tokens capped by the model's context ({context} positions; the results table shows it)")
     _grade(records, s)
     gathered = _gather_records(records, rank, world)
     if rank != 0:
@@ -343,27 +377,52 @@ def _evaluate_files(spec, path, problems, s, *, data_dir, ds_config, rank, world
 
 
 def summarize(records: list[dict], benchmarks: list[str], ks: tuple[int, ...]) -> dict:
-    """Per-benchmark scores and their average (unweighted mean over benchmarks, as in the paper)."""
+    """Per-benchmark scores and their average (unweighted mean over benchmarks, as in the paper), and
+    the generation length the samples actually had (``generation``: the smallest ``max_new_tokens``
+    used, lower than asked when the model's context capped it, and that context)."""
     out = {}
     for name in benchmarks:
         rows = [r for r in records if r["benchmark"] == name]
         out[name] = benchmark_scores(rows, ks)
     out["average"] = {f"pass@{k}": sum(out[n][f"pass@{k}"] for n in benchmarks) / len(benchmarks) for k in ks}
+    used = [r["max_new_tokens"] for r in records if r.get("max_new_tokens")]
+    if used:
+        out["generation"] = {"max_new_tokens": min(used),
+                             "context": next((r["context"] for r in records if r.get("context")), None)}
     return out
 
 
-def markdown_table(results: dict[str, dict], benchmarks: list[str], ks: tuple[int, ...]) -> str:
-    """Rows = models, columns = benchmarks + Avg. (the paper's table), one table per k."""
+def length_cell(scores: dict, asked: int) -> str:
+    """The results table's "Max new tokens" cell: the length asked, or the cap and its reason."""
+    gen = scores.get("generation") or {}
+    used = gen.get("max_new_tokens", asked)
+    if used >= asked:
+        return f"{asked:,}"
+    context = gen.get("context")
+    reason = f"the model's {context:,}-position context" if context else "the model's context"
+    return f"{used:,} (capped by {reason}; the protocol asks {asked:,})"
+
+
+def markdown_table(results: dict[str, dict], benchmarks: list[str], ks: tuple[int, ...],
+                   asked_tokens: int | None = None) -> str:
+    """Rows = models, columns = benchmarks + Avg. (the paper's table), one table per k. With
+    ``asked_tokens`` a last column gives each row's generation length (:func:`length_cell`), so a
+    length capped by a short context shows beside the numbers it affects."""
     names = {"aime24": "AIME24", "math500": "MATH-500", "amc23": "AMC23", "minerva": "Minerva",
              "olympiadbench": "OlympiadBench"}
     parts = []
     for k in ks:
         header = "| Model | " + " | ".join(names[b] for b in benchmarks) + " | Avg. |"
         rule = "|---|" + "---:|" * (len(benchmarks) + 1)
+        if asked_tokens is not None:
+            header, rule = header + " Max new tokens |", rule + "---|"
         rows = [f"pass@{k} (%)", "", header, rule]
         for label, scores in results.items():
             cells = [f"{scores[b][f'pass@{k}']:.1f}" for b in benchmarks]
-            rows.append(f"| {label} | " + " | ".join(cells) + f" | {scores['average'][f'pass@{k}']:.1f} |")
+            row = f"| {label} | " + " | ".join(cells) + f" | {scores['average'][f'pass@{k}']:.1f} |"
+            if asked_tokens is not None:
+                row += f" {length_cell(scores, asked_tokens)} |"
+            rows.append(row)
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"
 
@@ -389,7 +448,7 @@ def write_results(out_dir: Path, specs: list[ModelSpec], benchmarks: list[str], 
     paths["markdown"].write_text(
         f"# aapo eval ({s.protocol} protocol, {temp}, {s.n_samples} sample(s) per problem, "
         f"max {s.max_new_tokens} new tokens{', first ' + str(s.limit) + ' problems' if s.limit else ''})\n\n"
-        + markdown_table(results, benchmarks, s.k))
+        + markdown_table(results, benchmarks, s.k, s.max_new_tokens))
     with open(paths["samples"], "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

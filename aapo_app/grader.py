@@ -59,6 +59,7 @@ grade must keep their entry point under ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -122,11 +123,71 @@ def _text(parsed: list) -> str:
     return next((x for x in reversed(parsed) if isinstance(x, str)), "")
 
 
+# Gold kinds (``Grader.grade_many(..., kinds=...)``): how a gold string is read.
+#   "answer"          a bare answer ("7", "\\frac{1}{2}"): the training reward and ``aapo grade``;
+#   "latex" / "expr"  (lighteval) the reference's gold text, read by its LaTeX or its expression
+#                     extraction, exactly as lighteval's metric reads it (``aapo eval``);
+#   "ref:<benchmark>" (simplerl) a gold already normalised as the reference does
+#                     (:func:`aapo_app.answers.reference_gold`); predictions use that benchmark's rules.
+GOLD_KINDS = ("answer", "latex", "expr")
+LIGHTEVAL_PRECISION = 5  # decimal places of lighteval's numeric comparison (the reference's ``precision=5``)
+
+
+@contextlib.contextmanager
+def _lighteval_081_parsing():
+    """latex2sympy2_extended as lighteval 0.8.1 ran it (it pinned latex2sympy2_extended 1.0.6), where
+    the installed 1.10+ reads three things differently:
+
+    * units: a trailing ``\\text{...}`` unit is dropped but bare unit words are kept (``1.6 cm`` is not
+      1.6); 1.0.6's unit-word pattern could never match, 1.10+ strips trailing unit words;
+    * ``0,111`` is the number 111 (commas are thousands separators), not 0.111;
+    * symbols keep their case (``A`` and ``a`` differ).
+
+    The three are swapped in only while a lighteval item is graded, in the grader's own worker."""
+    from latex2sympy2_extended import latex2sympy2, math_normalization
+
+    saved = math_normalization.units_regex, latex2sympy2.convert_number, latex2sympy2.latex2sympy.__defaults__
+    defaults = list(saved[2])
+    defaults[-1] = latex2sympy2.ConversionConfig(lowercase_symbols=False)
+    math_normalization.units_regex = _NEVER
+    latex2sympy2.convert_number = _number_without_decimal_comma
+    latex2sympy2.latex2sympy.__defaults__ = tuple(defaults)
+    try:
+        yield
+    finally:
+        math_normalization.units_regex, latex2sympy2.convert_number, latex2sympy2.latex2sympy.__defaults__ = saved
+
+
+def _number_without_decimal_comma(number: str):
+    """A number token as latex2sympy2_extended 1.0.6 reads it: commas and spaces dropped, leading
+    zeros dropped (``0,111`` -> 111)."""
+    from sympy import Number
+
+    return Number(number.replace(",", "").replace(" ", "").lstrip("0") or "0")
+
+
+_NEVER = re.compile(r"(?!x)(x)")  # never matches; one group, as the substitution refers to it
+
+
+def _latex_config(boxed_priority: int):
+    from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
+    from math_verify import LatexExtractionConfig
+
+    return LatexExtractionConfig(boxed_match_priority=boxed_priority, normalization_config=NormalizationConfig(
+        basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=True))
+
+
 @functools.lru_cache(maxsize=1024)
-def _parse_gold(gold: str) -> list:
-    """Parse a bare gold answer: as LaTeX in ``$...$`` (or as is), else as a plain expression."""
+def _parse_gold(gold: str, kind: str = "answer") -> list:
+    """Parse a gold. "answer": as LaTeX in ``$...$`` (or as is), else as a plain expression. "latex" /
+    "expr": the reference's gold text with lighteval's gold extraction (LaTeX with the boxed match
+    after "final answer", or expressions), and the text itself when nothing is extracted."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
+    if kind in ("latex", "expr"):
+        config = [_latex_config(55)] if kind == "latex" else [ExprExtractionConfig()]
+        parsed = parse(gold, config, fallback_mode="first_match", parsing_timeout=None, raise_on_error=True)
+        return parsed or [gold]
     delimited = re.search(r"(?<!\\)\$", gold) or "\\boxed" in gold  # an escaped \$ is a currency sign
     text = gold if delimited else f"${gold}$"
     parsed = parse(text, [LatexExtractionConfig()], parsing_timeout=None, raise_on_error=True)
@@ -139,47 +200,49 @@ def _same_text(a: str | None, b: str) -> bool:
     return a is not None and "".join(a.split()) == "".join(b.split())
 
 
-def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lighteval") -> GradeResult:
+def _grade_item(gold: str, prediction: str, seen: dict, protocol: str = "lighteval",
+                kind: str = "answer") -> GradeResult:
     """Grade one pair under ``protocol`` (no time bound here; the caller holds the alarm).
 
     ``seen`` receives the extracted texts as they become known, so a timeout can still report them.
+    ``kind`` says how the gold is read (``GOLD_KINDS`` and ``ref:<benchmark>``).
     """
     from aapo_app.answers import braces_balanced
 
-    if not braces_balanced(gold):  # "\frac{1}{2": a broken reference, not a gradable one
+    if kind == "answer" and not braces_balanced(gold):  # "\frac{1}{2": a broken reference, not a gradable one
         seen["gold"] = gold.strip()
         return GradeResult(False, "error", seen["gold"], "")
     if protocol == "simplerl":
         from aapo_app.answers import extract_answer, math_equal, strip_string
 
-        seen["gold"] = strip_string(gold)
-        if not seen["gold"]:
+        benchmark = kind[len("ref:"):] if kind.startswith("ref:") else None
+        seen["gold"] = gold if benchmark is not None else strip_string(gold)
+        if not seen["gold"] and benchmark is None:  # a reference gold may normalise to "" (\text{east})
             return GradeResult(False, "error", "", "")
-        seen["predicted"] = extract_answer(prediction)
+        seen["predicted"] = extract_answer(prediction, benchmark)
         correct = math_equal(seen["predicted"], seen["gold"])
         status = "ok" if correct or seen["predicted"] else "no_answer"
         return GradeResult(correct, status, seen["gold"], seen["predicted"])
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import ExprExtractionConfig, parse
     from sympy import Basic, MatrixBase
 
     from aapo_app.answers import last_boxed
+    from aapo_app.lighteval_match import answers_match
 
-    gold_parsed = _parse_gold(gold)
-    seen["gold"] = _text(gold_parsed)
-    if not gold_parsed:
-        return GradeResult(False, "error", "", "")
-    pred_parsed = parse(
-        prediction,
-        [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-        parsing_timeout=None,
-        raise_on_error=True,
-    )
+    with _lighteval_081_parsing():
+        gold_parsed = _parse_gold(gold, kind)
+        seen["gold"] = _text(gold_parsed)
+        if not gold_parsed:
+            return GradeResult(False, "error", "", "")
+        # the reference's prediction targets: expressions and LaTeX, the last \boxed{} first
+        pred_parsed = parse(prediction, [ExprExtractionConfig(), _latex_config(0)], fallback_mode="first_match",
+                            parsing_timeout=None, raise_on_error=True)
     seen["predicted"] = _text(pred_parsed)
-    if _same_text(last_boxed(prediction), gold):  # word for word the gold (e.g. a prose answer)
+    if kind == "answer" and _same_text(last_boxed(prediction), gold):  # word for word a bare gold (prose)
         return GradeResult(True, "ok", seen["gold"], seen["predicted"])
-    # raise_on_error=False (math-verify's default): an error on one (gold, pred) candidate pair
-    # must not hide a match on another, e.g. the plain string comparison.
-    correct = bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    # lighteval 0.8.1's comparison (not math-verify's verify, which has become more lenient); an
+    # error on one (gold, pred) candidate pair does not hide a match on another
+    correct = answers_match(gold_parsed, pred_parsed, LIGHTEVAL_PRECISION)
     has_math = any(isinstance(x, (Basic, MatrixBase)) for x in pred_parsed)
     status = "ok" if correct or has_math else "no_answer"
     return GradeResult(correct, status, seen["gold"], seen["predicted"])
@@ -213,11 +276,12 @@ def _limit_memory(limit_mb: int) -> None:
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int = 0) -> None:
-    """Worker loop: receive (gold, prediction, timeout_s, protocol), send back a GradeResult; None stops."""
+    """Worker loop: receive (gold, prediction, timeout_s, protocol, kind), send back a GradeResult; None stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGALRM, _on_alarm)
     # We switch math-verify's timeouts off and bound items ourselves; silence its warning about it.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)  # "equations=True is deprecated"
     try:  # warm up (imports, parser set-up) before "ready", so no item's time budget pays for it
         for protocol in PROTOCOLS:
             _grade_item("\\frac{1}{2}", "\\boxed{0.5}", {}, protocol)
@@ -232,12 +296,12 @@ def _worker_main(conn: Connection, memory_limit_mb: int = 0) -> None:
             return
         if message is None:
             return
-        gold, prediction, timeout_s, protocol = message
+        gold, prediction, timeout_s, protocol, kind = message
         seen = {"gold": "", "predicted": ""}
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
-                result = _grade_item(gold, prediction, seen, protocol)
+                result = _grade_item(gold, prediction, seen, protocol, kind)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _ItemTimeout:
@@ -267,8 +331,8 @@ class _Worker:
         self.item: int | None = None
 
     def send(self, index: int, gold: str, prediction: str, timeout_s: float, hard_timeout_s: float,
-             protocol: str) -> None:
-        self.conn.send((gold, prediction, timeout_s, protocol))
+             protocol: str, kind: str = "answer") -> None:
+        self.conn.send((gold, prediction, timeout_s, protocol, kind))
         self.item = index
         self.deadline = time.monotonic() + hard_timeout_s
 
@@ -332,9 +396,13 @@ class Grader:
         """Grade one prediction against one gold answer."""
         return self.grade_many([gold], [prediction])[0]
 
-    def grade_many(self, golds: Sequence[str], predictions: Sequence[str]) -> list[GradeResult]:
-        """Grade ``predictions[i]`` against ``golds[i]`` for every i, in parallel across the workers."""
-        return self._grade_all(golds, predictions, self.timeout_s, self.hard_timeout_s)
+    def grade_many(self, golds: Sequence[str], predictions: Sequence[str],
+                   kinds: Sequence[str] | None = None) -> list[GradeResult]:
+        """Grade ``predictions[i]`` against ``golds[i]`` for every i, in parallel across the workers.
+
+        ``kinds[i]`` says how ``golds[i]`` is read (default "answer", a bare answer): "latex" or
+        "expr" for a lighteval reference gold, "ref:<benchmark>" for a simplerl reference gold."""
+        return self._grade_all(golds, predictions, self.timeout_s, self.hard_timeout_s, kinds)
 
     def close(self) -> None:
         """Stop the worker processes. The Grader restarts them if it is used again."""
@@ -350,16 +418,23 @@ class Grader:
         self.close()
 
     def _grade_all(
-        self, golds: Sequence[str], predictions: Sequence[str], timeout_s: float, hard_timeout_s: float
+        self, golds: Sequence[str], predictions: Sequence[str], timeout_s: float, hard_timeout_s: float,
+        kinds: Sequence[str] | None = None,
     ) -> list[GradeResult]:
         if len(golds) != len(predictions):
             raise ValueError(f"{len(golds)} golds but {len(predictions)} predictions")
+        kinds = ["answer"] * len(golds) if kinds is None else [str(k) for k in kinds]
+        if len(kinds) != len(golds):
+            raise ValueError(f"{len(golds)} golds but {len(kinds)} gold kinds")
+        bad = next((k for k in kinds if k not in GOLD_KINDS and not k.startswith("ref:")), None)
+        if bad is not None:
+            raise ValueError(f"gold kind must be one of {', '.join(GOLD_KINDS)} or ref:<benchmark> (got {bad!r})")
         golds = [str(g) for g in golds]
         predictions = [str(p) for p in predictions]
         results: list[GradeResult | None] = [None] * len(golds)
         with self._lock:
             try:
-                self._schedule(golds, predictions, results, timeout_s, hard_timeout_s)
+                self._schedule(golds, predictions, results, timeout_s, hard_timeout_s, kinds)
             except Exception:  # e.g. no process can be started here: score "error", don't crash
                 logger.warning("grader: grading failed; unfinished items score 'error'", exc_info=True)
                 self._kill_all()
@@ -380,6 +455,7 @@ class Grader:
         results: list[GradeResult | None],
         timeout_s: float,
         hard_timeout_s: float,
+        kinds: list[str],
     ) -> None:
         """Feed items to idle workers one at a time, collect results, kill overrunning workers."""
         if not golds:
@@ -409,7 +485,7 @@ class Grader:
                 if worker.ready and worker.item is None and pending:
                     i = pending.popleft()
                     try:
-                        worker.send(i, golds[i], predictions[i], timeout_s, hard_timeout_s, self.protocol)
+                        worker.send(i, golds[i], predictions[i], timeout_s, hard_timeout_s, self.protocol, kinds[i])
                     except OSError:  # died while idle: put the item back
                         pending.appendleft(i)
                         replace(worker, "error")

@@ -15,7 +15,8 @@ from aapo_app.grader import GradeResult, Grader
 
 TIMEOUT_S = 2.0
 
-# (gold, prediction, expected correct). Verdicts are math-verify 0.9.0's, checked by hand.
+# (gold, prediction, expected correct). Verdicts are lighteval 0.8.1's (open-rs evaluate.py's metric,
+# the gold as "$gold$"), computed by running it.
 CASES = [
     # equal forms
     ("7", "the answer is \\boxed{7}", True),
@@ -33,7 +34,7 @@ CASES = [
     ("[1,2)", "\\boxed{[1,2)}", True),
     ("\\{1,2\\}", "\\boxed{\\{2,1\\}}", True),
     ("x=3", "\\boxed{3}", True),  # an assignment gold matches its value
-    ("10", "\\boxed{10\\%}", True),  # surprising: math-verify accepts the percentage form
+    ("10", "\\boxed{10\\%}", False),  # lighteval 0.8.1: 10% is 1/10
     ("7", "\\boxed{7} is wrong, it is \\boxed{7}", True),
     # near misses
     ("7", "\\boxed{8}", False),
