@@ -112,8 +112,6 @@ class Trainer:
                                reference=parts.reference_generator, cache=parts.reference_cache,
                                scorer=self.reference)
         if self.rank == 0:
-            tqdm.write(plan.precision.describe() + (f"; truncated importance sampling: {self.tis} level"
-                                                    if self.tis else ""), file=sys.stderr)
             for note in plan.notes + notes:
                 tqdm.write(f"note: {note}", file=sys.stderr)
         self.checkpoints = Checkpointer(self.output_dir, self.rank, self.world, cfg.train.keep_checkpoints,
@@ -294,6 +292,9 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         steps = cfg.train.max_steps
+        if self.rank == 0:  # once the run has started (a refused start prints only its one error line)
+            tqdm.write(self.precision.describe() + (f"; truncated importance sampling: {self.tis} level"
+                                                    if self.tis else ""), file=sys.stderr)
         if self.eval_before is None:
             before = self.evaluate()
             self.eval_before = before

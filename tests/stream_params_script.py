@@ -18,7 +18,7 @@ from aapo_app.models import load_causal_lm
 def zero3_policy(model_dir: str) -> tuple[ZeroModel, int]:
     """The checkpoint as a trainable ZeRO-3 engine on this launcher's ranks, and this rank."""
     cfg = load_run_config(None, [f"model.path={model_dir}", "rollout.prompts_per_rank=1", "rollout.group_size=2",
-                                 "train.micro_batch_size=2"])
+                                 "train.micro_batch_size=2", "precision=fp32"])
     ds = fill_ds_config(read_ds_config(None, DEFAULT_POLICY_CONFIG), cfg, launched_world_size())
     rank, _ = init_distributed()
     return ZeroModel(load_causal_lm(model_dir, ds_config=ds), ds, trainable=True), rank
