@@ -49,7 +49,7 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
     from aapo_app.ds_config import DEFAULT_POLICY_CONFIG, DEFAULT_REFERENCE_CONFIG, fill_ds_config, read_ds_config
     from aapo_app.engine import launched_world_size
     from aapo_app.models import resolve_model_path
-    from aapo_app.precision import resolve_precision
+    from aapo_app.precision import leaves_precision_to_the_run, resolve_precision
 
     world = launched_world_size() if world is None else world
     if world < 1:
@@ -65,8 +65,9 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
         from aapo_app.lora import check_model_targets
 
         check_model_targets(model_dir, cfg.model.lora)
-    notes = _check_machine(cfg, algorithm, here, precision)
-    if not here and cfg.precision == "auto" and ds_precision_unset(raw_policy):
+    tis = tis_level(cfg, algorithm, precision)
+    notes = _check_machine(cfg, algorithm, here, tis)
+    if not here and cfg.precision == "auto" and leaves_precision_to_the_run(raw_policy):
         notes.append("precision=auto is decided on the machine that runs: bf16 on a GPU or a CPU with AMX / "
                      "AVX512-BF16, fp32 elsewhere")
     train, held_out = load_examples(cfg.data, cfg.train.seed)
@@ -76,13 +77,7 @@ def plan_run(cfg, ds_config: str | None = None, ref_ds_config: str | None = None
                         f"(rollout.prompts_per_rank x {world} ranks); add data or lower rollout.prompts_per_rank")
     notes += conflicting_duplicates(list(train) + list(held_out))
     return Plan(cfg, algorithm, ds_policy, ds_ref, train, held_out, world, precision,
-                tis_level(cfg, algorithm, precision), notes)
-
-
-def ds_precision_unset(ds: dict) -> bool:
-    from aapo_app.precision import ds_precision
-
-    return ds_precision(ds) is None and ds.get("fp16", {}).get("enabled") is not True
+                tis, notes)
 
 
 def tis_level(cfg, algorithm, precision) -> str | None:
@@ -122,7 +117,7 @@ def conflicting_duplicates(examples) -> list[str]:
             f"same completion is graded differently: deduplicate the data to avoid it"]
 
 
-def _check_machine(cfg, algorithm, here: bool, precision=None) -> list[str]:
+def _check_machine(cfg, algorithm, here: bool, tis: str | None = None) -> list[str]:
     """The backends' needs: the configuration's own checks always, this machine's only ``here``."""
     from aapo_app.engine import check_hybrid_engine
     from aapo_app.vllm_engine import check_vllm_config, check_vllm_machine
@@ -134,7 +129,6 @@ def _check_machine(cfg, algorithm, here: bool, precision=None) -> list[str]:
         check_vllm_config(cfg, algorithm)
         machine.append(lambda: check_vllm_machine(cfg.vllm))
     notes = []
-    tis = tis_level(cfg, algorithm, precision)
     if tis and cfg.rollout.backend == "vllm" and cfg.vllm.mode == "server":
         notes.append(f"algorithm.tis={tis}: the policy's `vllm serve` must run with --logprobs-mode processed_logprobs "
                      f"(vLLM >= 0.10.2) so that it reports the log-probs of the distribution it samples from; the "

@@ -93,9 +93,9 @@ def fill_precision(ds: dict, choice: str = "auto", resolved=None) -> dict:
     :class:`aapo_app.precision.PrecisionChoice`) where given, else from the precision ``choice``
     (``auto``: bf16 where this machine multiplies bf16 matrices natively). A value the file sets is
     kept; :func:`aapo_app.precision.resolve_precision` checks it against an explicit choice."""
-    from aapo_app.precision import apply_precision, ds_precision, resolve_precision
+    from aapo_app.precision import apply_precision, leaves_precision_to_the_run, resolve_precision
 
-    if ds_precision(ds) is not None or ds.get("fp16", {}).get("enabled") is True:
+    if not leaves_precision_to_the_run(ds):
         return ds
     return apply_precision(ds, resolved or resolve_precision(choice, ds, probe=False))
 

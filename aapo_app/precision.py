@@ -99,6 +99,11 @@ def ds_precision(ds: dict) -> bool | None:
 _THIS_MACHINE = object()
 
 
+def leaves_precision_to_the_run(ds: dict) -> bool:
+    """Whether a DeepSpeed config leaves its number format to ``precision`` (no bf16 or fp16 set)."""
+    return ds_precision(ds) is None and ds.get("fp16", {}).get("enabled") is not True
+
+
 def resolve_precision(choice: str, policy_ds: dict, *, probe: bool = True,
                       hardware: str | None | object = _THIS_MACHINE) -> PrecisionChoice:
     """The run's precision from ``choice`` and what the policy's DeepSpeed config already says.
