@@ -82,8 +82,9 @@ def counts(name: str, rank_r: int) -> tuple[int, int]:
 
     from aapo_app.lora import LoraSettings, apply_lora
 
+    config = AutoConfig.from_pretrained(model_dir(name))  # written first, outside the meta device
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(name)))
+        model = AutoModelForCausalLM.from_config(config)
         total = sum(p.numel() for p in model.parameters())
         apply_lora(model, LoraSettings(rank=rank_r))
     return total, sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)

@@ -52,7 +52,10 @@ def test_a_busy_run_directory_and_one_left_without_a_checkpoint(tiny_model_dir, 
     first = subprocess.Popen([sys.executable, "-m", "aapo_app", *train_args(tiny_model_dir, out, 3)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
     deadline = time.time() + 300
-    while not (lock.is_file() and f"pid {first.pid} " in lock.read_text()):
+    # the run locks its directory, then writes config.yaml, ds_config.json and ds_config_reference.json (in that
+    # order): stop it only once the last is there, so that the run it leaves behind is the same on any machine load
+    last_written = out / "ds_config_reference.json"
+    while not (lock.is_file() and f"pid {first.pid} " in lock.read_text() and last_written.is_file()):
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.02)
     os.kill(first.pid, signal.SIGSTOP)  # the first run holds the directory (stopped, to be sure it is alive)

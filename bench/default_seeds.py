@@ -1,0 +1,95 @@
+"""The README's first table: `aapo train` exactly as it ships (no arguments but the seed), over seeds.
+
+For each seed S this runs ``aapo train --seed S --output-dir DIR/seed-S`` in a subprocess, one after
+another (a seed whose run finished is skipped, so the script resumes; an unfinished one is started
+again), then writes ``bench/results/default_seeds.{json,md}``: held-out accuracy before and after
+training per seed (the seed also draws the held-out problems), the gain, the wall-clock time of the
+whole command (model load, both evaluations and training), the precision ``auto`` picked, and the
+machine (CPU model and its bf16 flags).
+
+    python bench/default_seeds.py                       # seeds 0-4 into runs/default-seeds
+    python bench/default_seeds.py --seeds 0 1 --out runs/ds   # fewer seeds; --report-only rewrites the table
+
+The model must be converted once beforehand (``aapo train`` does it on its first run) for the times
+to be those of a user's second run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import cpu_flags_text, machine, write_results  # noqa: E402
+
+
+def run_seed(out: Path, seed: int) -> None:
+    run_dir = out / f"seed-{seed}"
+    if (run_dir / "summary.json").is_file() and (run_dir / "wall_seconds.txt").is_file():
+        print(f"seed {seed}: done already ({run_dir})", flush=True)
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "aapo_app", "train", "--seed", str(seed), "--output-dir", str(run_dir)]
+    print("+ " + " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+
+
+def row(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = json.loads((run_dir / "run_info.json").read_text())
+    return {"before": summary["eval_before"], "after": summary["eval_after"], "problems": summary["eval_problems"],
+            "steps": summary["steps"], "wall_s": float((run_dir / "wall_seconds.txt").read_text()),
+            "precision": info["precision"]["name"]}
+
+
+def report(out: Path, seeds: list[int], results: str) -> None:
+    import torch
+
+    rows = {s: row(out / f"seed-{s}") for s in seeds}
+    gains = [100 * (r["after"] - r["before"]) for r in rows.values()]
+    lines = [f"`aapo train --seed S` (the shipped default, nothing else set) on {machine(torch.device('cpu'))}, "
+             f"CPU flags: {cpu_flags_text()}; written by `python bench/default_seeds.py`.", "",
+             "| seed | held-out accuracy before → after | gain (points) | problems | steps | precision | wall time |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for s, r in rows.items():
+        lines.append(f"| {s} | {100 * r['before']:.1f} % → {100 * r['after']:.1f} % | {100 * (r['after'] - r['before']):+.1f} "
+                     f"| {r['problems']} | {r['steps']} | {r['precision']} | {r['wall_s'] / 60:.1f} min |")
+    mean_before = statistics.mean(100 * r["before"] for r in rows.values())
+    mean_after = statistics.mean(100 * r["after"] for r in rows.values())
+    lines.append(f"| mean | {mean_before:.1f} % → {mean_after:.1f} % | {statistics.mean(gains):+.1f} | | | | "
+                 f"{statistics.mean(r['wall_s'] for r in rows.values()) / 60:.1f} min |")
+    lines += ["", f"Smallest gain: {min(gains):+.1f} points; largest wall time: "
+                  f"{max(r['wall_s'] for r in rows.values()) / 60:.1f} min (model load, both evaluations and training)."]
+    text = "\n".join(lines) + "\n"
+    write_results(results, {"machine": machine(torch.device("cpu")), "cpu_flags": cpu_flags_text(), "seeds": {str(s): r for s, r in rows.items()},
+                            "mean_gain_points": statistics.mean(gains), "min_gain_points": min(gains)}, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="runs/default-seeds", help="run directories (one per seed)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "default_seeds"),
+                        help="where the table goes (.json and .md are added)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table from finished runs")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(out, seed)
+    report(out, args.seeds, args.results)
+
+
+if __name__ == "__main__":
+    main()
