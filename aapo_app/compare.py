@@ -75,7 +75,12 @@ DEFINITIONS = {
                 "comparable across algorithms; in results.json only)",
     "zero_std_frac": "mean over the run's steps of algo/zero_std_group_frac, the fraction of prompt groups whose G "
                      "rewards are all equal",
+    "ratio_clip_frac / resample_rounds / optimizer_steps": "means over the run's steps of algo/ratio_clip_frac (GRPO, "
+                                                           "Dr. GRPO, DAPO), resample_rounds and optimizer_steps",
 }
+#: per-step metrics reported as their mean over the run's steps (results key -> metrics.jsonl key)
+STEP_MEANS = {"zero_std_frac": "algo/zero_std_group_frac", "ratio_clip_frac": "algo/ratio_clip_frac",
+              "resample_rounds": "resample_rounds", "optimizer_steps": "optimizer_steps"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +207,25 @@ def _file_sha(path: str | None, option: str) -> str | None:
 def resolve_configs(config: str | None, overrides: list[str], algorithms: list[str]) -> dict[str, dict]:
     """Each algorithm's run config (the same load as aapo train's, so a bad key fails here, before any
     run), flattened, without the keys each run sets itself."""
+    import dataclasses
+
+    from aapo_app.algorithms import algorithm_params_class
     from aapo_app.config import flatten_config, load_run_config
 
+    params = {a: {f.name for f in dataclasses.fields(algorithm_params_class(a))} for a in algorithms}
+    for item in overrides:  # a parameter only some of the algorithms have must name them
+        key = item.partition("=")[0]
+        if ":" not in key and key.startswith("algorithm.") and "." not in key[len("algorithm."):]:
+            have = [a for a in algorithms if key[len("algorithm."):] in params[a]]
+            if have and len(have) < len(algorithms):
+                raise AapoError(f"'{item}': {key} is a parameter of {', '.join(have)} only; give it to "
+                                f"{'them' if len(have) > 1 else 'it'} as {have[0]}:{item}")
     resolved = {}
     for algo in algorithms:
         try:
             cfg = load_run_config(config, overrides_for(overrides, algo) + [f"algorithm.name={algo}"])
         except AapoError as exc:
-            raise AapoError(f"{exc} (for {algo}; give an algorithm-specific key as {algo}:KEY=VALUE)"
-                            if len(algorithms) > 1 and str(exc).startswith("algorithm") else str(exc)) from None
+            raise AapoError(f"{exc} (for {algo})" if len(algorithms) > 1 else str(exc)) from None
         flat = flatten_config(json.loads(json.dumps(cfg.to_dict())))
         resolved[algo] = {k: v for k, v in flat.items() if k not in PER_RUN_KEYS}
     return resolved
@@ -587,7 +602,6 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
     reached = stats.steps_to_threshold([(m["step"], m["accuracy"]) for m in train if "accuracy" in m], threshold, window)
     grad = _finite(m.get("grad_norm") for m in train)
     loss = _finite(m.get("loss") for m in train)
-    zero = _finite(m.get("algo/zero_std_group_frac") for m in train)
     mean_abs_loss = statistics.fmean(abs(v) for v in loss) if loss else 0.0
     before = by_step.get(0, {}).get("eval/accuracy")
     after = by_step.get(max_steps, {}).get("eval/accuracy") if done else None
@@ -608,7 +622,8 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
         "grad_norm_var": statistics.pvariance(grad) if grad else None,
         "loss_cv": statistics.pstdev(loss) / mean_abs_loss if loss and mean_abs_loss > 0 else None,
         "loss_var": statistics.pvariance(loss) if loss else None,
-        "zero_std_frac": statistics.fmean(zero) if zero else None,
+        **{name: (statistics.fmean(values) if values else None)
+           for name, values in ((name, _finite(m.get(key) for m in train)) for name, key in STEP_MEANS.items())},
         "data": info.get("data"),
         "curves": {key: [(m["step"], m[key]) for m in train if key in m] for key in ("reward/mean", "accuracy")},
     }
@@ -665,7 +680,7 @@ def build_results(out: Path, algorithms: list[str], seeds: list[int], baseline: 
         done = [r for r in runs.values() if r is not None and r["status"] == "done"]
         after = _per_seed(runs, "eval_after")
         entry = {"runs_done": len(done)}
-        for key in ("eval_before", "eval_after", "grad_norm_var", "grad_norm_mean", "loss_cv", "zero_std_frac"):
+        for key in ("eval_before", "eval_after", "grad_norm_var", "grad_norm_mean", "loss_cv", *STEP_MEANS):
             values = _per_seed(runs, key)
             entry[key] = {**stats.mean_ci(list(values.values())).as_dict(), "per_seed": values}
         improvement = _per_seed(runs, "improvement")
@@ -745,6 +760,11 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {algo} | {_reach(e['steps_to_threshold'])} | {_reach(e['samples_to_threshold'], counts=False)} "
                      f"| {_num(e['grad_norm_var'])} | {_num(e['grad_norm_mean'])} | {_num(e['loss_cv'])} "
                      f"| {_num(e['zero_std_frac'])} |")
+    lines += ["", "| algorithm | ratio-clipped tokens | extra rollout rounds / step | optimizer steps / step |",
+              "|---|---|---|---|"]
+    for algo, e in algos.items():
+        lines.append(f"| {algo} | {_num(e['ratio_clip_frac'])} | {_num(e['resample_rounds'])} "
+                     f"| {_num(e['optimizer_steps'])} |")
     lines += ["", "Per seed (held-out accuracy before → after, %):", ""]
     for algo, e in algos.items():
         before, after = e["eval_before"]["per_seed"], e["eval_after"]["per_seed"]
@@ -762,7 +782,9 @@ def render_markdown(results: dict) -> str:
               "variance over steps of the gradient norm before clipping, in the same units for every algorithm "
               "(the training losses have algorithm-specific scales, so their raw variance is not compared; it is in "
               "results.json as loss_var). *Loss CV*: standard deviation of the loss over steps ÷ mean |loss|. "
-              "*Zero-std groups*: mean fraction of prompt groups whose rewards are all equal. Every number and each "
+              "*Zero-std groups*: mean fraction of prompt groups whose rewards are all equal. The last table: means over steps "
+              "of the tokens whose ratio was clipped, DAPO's and GPG's extra rollout rounds and the optimizer steps "
+              "per training step. Every number and each "
               "seed's value are in results.json; the definitions are in docs/algorithms.md."]
     return "\n".join(lines) + "\n"
 

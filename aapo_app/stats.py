@@ -135,8 +135,9 @@ def paired(differences: Sequence[float], level: float = 0.95) -> Paired:
     if ci.n < 2:
         return Paired(ci.mean, ci.half, ci.n)
     sd = sample_std(differences)
-    if sd == 0.0:
-        t = 0.0 if ci.mean == 0.0 else math.copysign(math.inf, ci.mean)
+    scale = max(1.0, max(abs(d) for d in differences))
+    if max(differences) - min(differences) <= 1e-12 * scale:  # all equal (but for rounding in the mean)
+        t = 0.0 if abs(ci.mean) <= 1e-12 * scale else math.copysign(math.inf, ci.mean)
     else:
         t = ci.mean / (sd / math.sqrt(ci.n))
     return Paired(ci.mean, ci.half, ci.n, t, t_two_sided_p(t, ci.n - 1), sign_flip_p(differences))
