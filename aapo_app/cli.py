@@ -407,25 +407,25 @@ def plot_command(run_dirs, out, window):
 
 
 @main.command("compare")
-@click.option("--out", required=True, help="Directory of the comparison: one run directory per algorithm and seed, "
+@click.option("--out", required=True, metavar="DIR", help="Directory of the comparison: one run directory per algorithm and seed, "
                                           "the report, compare.json (its settings) and logs/.")
 @click.option("--algorithms", default=None, metavar="A,B,...",
               help="Algorithms to compare (default: aapo,grpo,gpg,dr_grpo,dapo, or those --out was started with).")
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="Seeds, at least 2 (default: 0,1,2, or those --out was started with). Seed S gives every algorithm "
                    "the same data order and held-out set.")
-@click.option("--baseline", default=None, help="Algorithm the others are paired against (default: grpo if compared, "
+@click.option("--baseline", default=None, metavar="ALGO", help="Algorithm the others are paired against (default: grpo if compared, "
                                                "else the first).")
-@click.option("--threshold", default="0.9", show_default=True,
+@click.option("--threshold", default="0.9", show_default=True, metavar="FRACTION",
               help="Training accuracy for the steps-to-threshold column.")
-@click.option("--window", default="3", show_default=True, help="Steps in the trailing mean that must reach --threshold.")
-@click.option("--max-steps", default=None, help="Shorthand for train.max_steps=N for every run.")
+@click.option("--window", default="3", show_default=True, metavar="N", help="Steps in the trailing mean that must reach --threshold.")
+@click.option("--max-steps", default=None, metavar="N", help="Shorthand for train.max_steps=N for every run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Run config (YAML or JSON) of every run; without it the embedded default.")
 @click.option("--ds-config", type=click.Path(dir_okay=False), default=None, help="Policy DeepSpeed config of every run.")
 @click.option("--ref-ds-config", type=click.Path(dir_okay=False), default=None,
               help="Reference DeepSpeed config of every run.")
-@click.option("--nproc", default=None, help="Ranks per run (torchrun on this machine; default 1).")
+@click.option("--nproc", default=None, metavar="N", help="Ranks per run (torchrun on this machine; default 1).")
 @click.option("--report-only", is_flag=True, help="Write the report from the runs in --out without training.")
 @click.argument("overrides", nargs=-1)
 def compare_command(out, algorithms, seeds, baseline, threshold, window, max_steps, config_path, ds_config,

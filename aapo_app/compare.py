@@ -505,7 +505,7 @@ def run_all(plan: Plan, argv: list[str], echo: Callable[[str], None]) -> None:
             states[algo, seed] = run_state(plan.run_dir(algo, seed), plan.resolved[algo]["train.max_steps"])
         write_manifest(plan, argv)
         todo = sum(1 for st in states.values() if st[0] != "done")
-        echo(f"aapo compare: {len(runs)} runs ({len(plan.algorithms)} algorithms x {len(plan.seeds)} seeds) in "
+        echo(f"aapo compare: {len(runs)} runs ({len(plan.algorithms)} algorithm(s) x {len(plan.seeds)} seeds) in "
              f"{plan.out}, {len(runs) - todo} finished already" + (f", {plan.nproc} ranks each" if plan.nproc > 1 else ""))
         durations: list[float] = []
         for k, (algo, seed) in enumerate(runs, 1):
