@@ -250,8 +250,12 @@ def make_plan(out: str, algorithms: str | None, seeds: str | None, baseline: str
                 _int(window, "--window", 1, "3"), report_only=report_only)
     if report_only:
         return plan
+    if manifest and not any((config, ds_config, ref_ds_config, nproc, max_steps, overrides)):
+        # `aapo compare --out DIR` alone continues a comparison with the settings it was started with
+        config, ds_config, ref_ds_config = manifest.get("config"), manifest.get("ds_config"), manifest.get("ref_ds_config")
+        nproc, overrides = str(manifest.get("nproc", 1)), list(manifest.get("overrides") or [])
     plan.config, plan.ds_config, plan.ref_ds_config = config, ds_config, ref_ds_config
-    plan.nproc = _int(nproc, "--nproc", 1, "2") if nproc is not None else int(manifest.get("nproc", 1))
+    plan.nproc = _int(nproc, "--nproc", 1, "2") if nproc is not None else 1
     extra = list(overrides)
     if max_steps is not None:
         extra.append(f"train.max_steps={_int(max_steps, '--max-steps', 1, '12')}")

@@ -246,6 +246,13 @@ def test_bad_input_one_line_exit_2(tmp_path):
                           ["--ds-config", "the default", "sha256"])
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert (finished / "metrics.jsonl").is_file()
+    # `aapo compare --out DIR` alone continues with the recorded settings; a seed may be added
+    alone = C.make_plan(str(out), None, None, None, "0.9", "3", None, None, None, None, None, [], False)
+    assert (alone.algorithms, alone.seeds, alone.nproc) == (["aapo", "grpo"], [0, 1], 1)
+    assert alone.overrides == ["model.path=/nonexistent", "rollout.group_size=4", "train.max_steps=1"]
+    more = C.make_plan(str(out), None, "0,1,2", None, "0.9", "3", None, None, None, None, "1",
+                       ["model.path=/nonexistent", "rollout.group_size=4"], False)
+    assert more.seeds == [0, 1, 2] and more.resolved == plan.resolved
 
 
 # ---------------------------------------------------------------------------------------------
