@@ -498,9 +498,40 @@ def _last_error(log: Path) -> str:
     return errors[-1] if errors else (lines[-1][-300:] if lines else "no output")
 
 
+class _Signals:
+    """SIGTERM/SIGINT while the comparison runs: the current run gets the signal (it finishes its step,
+    saves and exits; a second one ends it at once) and no further run starts."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.signum: int | None = None
+        self.child: subprocess.Popen | None = None
+        self.previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.echo(f"{signal.Signals(signum).name}: the current run finishes its step and saves a checkpoint; give "
+                      f"the same command again to continue (send the signal again to stop at once)")
+        self.forward()
+
+    def forward(self) -> None:
+        if self.signum is not None and self.child is not None and self.child.poll() is None:
+            self.child.send_signal(self.signum)
+
+    def stopped(self, where: str) -> Stopped:
+        return Stopped(f"stopped by {signal.Signals(self.signum).name} {where}; give the same command again to "
+                       f"continue", 128 + self.signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run_all(plan: Plan, argv: list[str], echo: Callable[[str], None]) -> None:
     """Train every (algorithm, seed) of the plan that is not finished, one after another."""
     lock = _Lock(plan.out)
+    signals = _Signals(echo)
     try:
         runs = plan.runs()
         states = {}
@@ -518,8 +549,10 @@ def run_all(plan: Plan, argv: list[str], echo: Callable[[str], None]) -> None:
             if action == "done":
                 echo(f"[{k}/{len(runs)}] {name}: finished already")
                 continue
+            if signals.signum is not None:
+                raise signals.stopped(f"before {name}")
             start = time.time()
-            _train_one(plan, algo, seed, action, step, f"[{k}/{len(runs)}] {name}", echo)
+            _train_one(plan, algo, seed, action, step, f"[{k}/{len(runs)}] {name}", echo, signals)
             durations.append(time.time() - start)
             todo -= 1
             rows = read_metrics(plan.run_dir(algo, seed) / "metrics.jsonl")
@@ -528,10 +561,11 @@ def run_all(plan: Plan, argv: list[str], echo: Callable[[str], None]) -> None:
             eta = f"; about {_duration(statistics.fmean(durations) * todo)} left for {todo} run(s)" if todo else ""
             echo(f"[{k}/{len(runs)}] {name}: done in {_duration(durations[-1])}" + (f" ({held})" if held else "") + eta)
     finally:
+        signals.restore()
         lock.release()
 
 
-def _train_one(plan: Plan, algo: str, seed: int, action: str, step: int, tag: str, echo) -> None:
+def _train_one(plan: Plan, algo: str, seed: int, action: str, step: int, tag: str, echo, signals: _Signals) -> None:
     name = run_name(algo, seed)
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -540,32 +574,17 @@ def _train_one(plan: Plan, algo: str, seed: int, action: str, step: int, tag: st
     what = {"new": "training", "resume": f"resuming from its checkpoint step-{step}",
             "restart": "starting again (the interrupted run saved no checkpoint)"}[action]
     echo(f"{tag}: {what} (log: {log})")
-    stop: dict = {}
-    child = None
-
-    def forward(signum, frame):  # the run finishes its step and saves; a second signal ends it at once
-        if not stop:
-            stop["signum"] = signum
-            echo(f"{signal.Signals(signum).name}: {name} finishes its step and saves a checkpoint; give the same "
-                 f"command again to continue (send the signal again to stop at once)")
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with open(log, "a") as f:
-            f.write(f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {' '.join(cmd)}\n")
-            f.flush()
-            child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(plan.nproc),
-                                     start_new_session=True,  # a terminal's Ctrl-C reaches it once, through us
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        raise Stopped(f"stopped by {signal.Signals(stop['signum']).name} during {name}; give the same command again "
-                      f"to continue", 128 + stop["signum"])
+    with open(log, "a") as f:
+        f.write(f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {' '.join(cmd)}\n")
+        f.flush()
+        signals.child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(plan.nproc),
+                                         start_new_session=True,  # a terminal's Ctrl-C reaches it once, through us
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        signals.forward()  # a signal that came while it was starting
+        code = signals.child.wait()
+        signals.child = None
+    if signals.signum is not None:
+        raise signals.stopped(f"during {name}")
     if code == 0:
         return
     if code < 0 or code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
