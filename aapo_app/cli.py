@@ -138,23 +138,13 @@ def train(config_path, ds_config, ref_ds_config, output_dir, max_steps, seed, he
             click.echo(f"checkpoint: {summary['checkpoint']} (evaluate it with: aapo eval --run {summary['output_dir']})")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("weights", "params"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _resume_config(resume, output_dir, config_path, extra):
     """The run's own config (its config.yaml) with this command's overrides, which may only change
     train.max_steps; and the checkpoint directory to resume from."""
     from pathlib import Path
 
     from aapo_app.checkpoint import find_resume_checkpoint, read_state, verify_checkpoint
-    from aapo_app.config import load_run_config
+    from aapo_app.config import flatten_config, load_run_config
 
     step_dir = find_resume_checkpoint(resume, output_dir)
     run_dir = step_dir.parent.parent
@@ -170,8 +160,8 @@ def _resume_config(resume, output_dir, config_path, extra):
                         f"damaged, resume from an earlier one")
     cfg = load_run_config(config_path, [e for e in extra if not e.startswith("output_dir=")] + [f"output_dir={run_dir}"],
                           base=None if config_path else saved["config"])
-    old, new = _flatten(saved["config"]), _flatten(cfg.to_dict())
-    defaults = _flatten(load_run_config(None, [f"algorithm.name={cfg.algorithm.name}"]).to_dict())
+    old, new = flatten_config(saved["config"]), flatten_config(cfg.to_dict())
+    defaults = flatten_config(load_run_config(None, [f"algorithm.name={cfg.algorithm.name}"]).to_dict())
     for key in sorted(set(old) | set(new)):
         if key in ("train.max_steps", "output_dir") or old.get(key) == new.get(key):
             continue
@@ -414,6 +404,62 @@ def plot_command(run_dirs, out, window):
     except AapoError as exc:
         _fail(str(exc))
     click.echo(f"wrote {out} ({len(run_dirs)} run(s); panels: {', '.join(drawn)})")
+
+
+@main.command("compare")
+@click.option("--out", required=True, metavar="DIR", help="Directory of the comparison: one run directory per algorithm and seed, "
+                                          "the report, compare.json (its settings) and logs/.")
+@click.option("--algorithms", default=None, metavar="A,B,...",
+              help="Algorithms to compare (default: aapo,grpo,gpg,dr_grpo,dapo, or those --out was started with).")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Seeds, at least 2 (default: 0,1,2, or those --out was started with). Seed S gives every algorithm "
+                   "the same data order and held-out set.")
+@click.option("--baseline", default=None, metavar="ALGO", help="Algorithm the others are paired against (default: grpo if compared, "
+                                               "else the first).")
+@click.option("--threshold", default="0.9", show_default=True, metavar="FRACTION",
+              help="Training accuracy for the steps-to-threshold column.")
+@click.option("--window", default="3", show_default=True, metavar="N", help="Steps in the trailing mean that must reach --threshold.")
+@click.option("--max-steps", default=None, metavar="N", help="Shorthand for train.max_steps=N for every run.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Run config (YAML or JSON) of every run; without it the embedded default.")
+@click.option("--ds-config", type=click.Path(dir_okay=False), default=None, help="Policy DeepSpeed config of every run.")
+@click.option("--ref-ds-config", type=click.Path(dir_okay=False), default=None,
+              help="Reference DeepSpeed config of every run.")
+@click.option("--nproc", default=None, metavar="N", help="Ranks per run (torchrun on this machine; default 1).")
+@click.option("--report-only", is_flag=True, help="Write the report from the runs in --out without training.")
+@click.argument("overrides", nargs=-1)
+def compare_command(out, algorithms, seeds, baseline, threshold, window, max_steps, config_path, ds_config,
+                    ref_ds_config, nproc, report_only, overrides):
+    """Train every algorithm x seed on one config, one run after another, then write compare.md,
+    results.json and curves.png in --out: held-out accuracy before/after (mean +- 95 % CI), each
+    algorithm's paired difference to --baseline (CI, paired t and sign-flip p-values), steps and
+    samples to --threshold, gradient-norm variance, zero-std groups.
+
+    OVERRIDES are KEY=VALUE pairs for every run (as in aapo train), or ALGO:KEY=VALUE for one
+    algorithm (aapo:algorithm.delta_low=-0.5). Give the same command again after a crash or a stop:
+    finished runs are kept, an interrupted one resumes from its newest checkpoint (set
+    train.save_every=N for long runs), and algorithms or seeds may be added; other settings are refused."""
+    from pathlib import Path
+
+    from aapo_app import compare as C
+
+    try:
+        plan = C.make_plan(out, algorithms, seeds, baseline, threshold, window, config_path, ds_config, ref_ds_config,
+                           nproc, max_steps, list(overrides), report_only)
+        if not report_only:
+            C.run_all(plan, sys.argv[1:], lambda line: click.echo(line, err=True))
+        elif not Path(out).is_dir():
+            raise AapoError(f"--out: '{out}' does not exist; --report-only reads the runs of an earlier aapo compare")
+        results = C.write_report(plan.out, plan.algorithms, plan.seeds, plan.baseline, plan.threshold, plan.window)
+    except C.Stopped as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.code)
+    except AapoError as exc:
+        _fail(str(exc))
+    click.echo((plan.out / C.TABLE).read_text())
+    click.echo(f"table: {plan.out / C.TABLE}\nnumbers: {plan.out / C.RESULTS}\ncurves: {plan.out / C.CURVES}")
+    if results["unfinished"]:
+        click.echo(f"{len(results['unfinished'])} run(s) not finished; the report covers the finished ones")
 
 
 @main.command("check-config")

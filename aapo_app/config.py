@@ -500,6 +500,18 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     return cfg
 
 
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """A config dict as ``{"rollout.group_size": 4, ...}`` (mappings that are values, such as
+    rewards.weights, stay whole)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("weights", "params"):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def describe_config() -> str:
     """Every config key with its default and help, for ``aapo train --help-config``."""
     lines = []

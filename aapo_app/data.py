@@ -635,7 +635,7 @@ class PromptSampler:
                 f"(prompts_per_rank {prompts_per_rank} × world_size {world_size}); use more training data "
                 "(data.source, data.max_train_examples, data.eval_size) or fewer prompts per step"
             )
-        self._fingerprint = _fingerprint(self.examples)
+        self._fingerprint = fingerprint(self.examples)
         self.epoch = 0
         self.position = 0  # index of the next example within this epoch's order
         self.step = 0
@@ -672,6 +672,12 @@ class PromptSampler:
         self.step += 1
         start = self.rank * self.prompts_per_rank
         return [self.examples[i] for i in indices[start : start + self.prompts_per_rank]]
+
+    def order_fingerprint(self) -> str:
+        """:func:`fingerprint` of the first epoch's examples in the order they are drawn: two runs with
+        equal ones train on the same prompts in the same order (``aapo compare`` checks its pairing
+        with it)."""
+        return fingerprint([self.examples[i] for i in self._epoch_order(0, [])])
 
     def state_dict(self) -> dict:
         """Plain-Python state (JSON-serialisable) to store in a checkpoint."""
@@ -711,7 +717,8 @@ class PromptSampler:
         self._order = order
 
 
-def _fingerprint(examples: Sequence[PromptExample]) -> str:
+def fingerprint(examples: Sequence[PromptExample]) -> str:
+    """16 hex digits of a SHA-256 over the examples' ids and problems, in order."""
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(ex.id.encode("utf-8") + b"\0" + ex.problem.encode("utf-8") + b"\0")

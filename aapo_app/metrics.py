@@ -96,6 +96,26 @@ def algorithm_metrics(*names: str) -> dict[str, str]:
     return {name: METRICS[f"algo/{name}"] for name in names}
 
 
+def read_metrics(path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``, one per step in step order (a step logged twice keeps its
+    last row; a line cut short by a kill is skipped). [] when the file is missing."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step: dict = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
 SUMMED = {"rollout_tokens", "update_tokens"}
 
 

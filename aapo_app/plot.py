@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from aapo_app.errors import AapoError
+from aapo_app.metrics import read_metrics
 
 # (metric, panel title); a panel is drawn when at least one run has the metric
 PANELS = [
@@ -26,12 +27,7 @@ def read_run(run_dir: str) -> tuple[str, list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise AapoError(f"RUN_DIR: '{run_dir}' has no metrics.jsonl; give a training run directory")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+    rows = read_metrics(path)
     if not rows:
         raise AapoError(f"RUN_DIR: '{run_dir}' has an empty metrics.jsonl; let the run take a step first")
     algorithm = ""
@@ -90,6 +86,13 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1) -> list[str]:
     handles = [Line2D([], [], color=color[label]) for label, _ in runs]
     fig.legend(handles, [label for label, _ in runs], loc="lower center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(fig, out)
+    return [key for key, _ in drawn]
+
+
+def _save(fig, out: str) -> None:
+    import matplotlib.pyplot as plt
+
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)
@@ -97,4 +100,48 @@ def plot_runs(run_dirs: list[str], out: str, window: int = 1) -> list[str]:
         raise AapoError(f"--out: cannot write '{out}' ({exc.strerror or exc}); choose a writable path") from exc
     finally:
         plt.close(fig)
-    return [key for key, _ in drawn]
+
+
+def plot_comparison(results: dict, out: str) -> None:
+    """``aapo compare``'s figure from its results (:func:`aapo_app.compare.build_results`): reward and
+    training accuracy against step, mean over seeds with a 95 % CI band, and the held-out accuracy
+    before and after training with its 95 % CI as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = results["by_algorithm"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (algo, entry) in enumerate(algos.items()):
+        color = colors[i % len(colors)]
+        for ax, key in ((axes[0], "reward/mean"), (axes[1], "accuracy")):
+            curve = entry["curves"][key]
+            if not curve["steps"]:
+                continue
+            ax.plot(curve["steps"], curve["mean"], color=color, label=f"{algo} (n={curve['n']})")
+            if curve["n"] > 1:
+                low = [m - h for m, h in zip(curve["mean"], curve["ci95_half"])]
+                high = [m + h for m, h in zip(curve["mean"], curve["ci95_half"])]
+                ax.fill_between(curve["steps"], low, high, color=color, alpha=0.15)
+        points = [(x, entry[key]) for x, key in ((0, "eval_before"), (1, "eval_after")) if entry[key]["mean"] is not None]
+        if points:
+            offset = (i - (len(algos) - 1) / 2) * 0.06
+            axes[2].errorbar([x + offset for x, _ in points], [100 * e["mean"] for _, e in points],
+                             yerr=[100 * (e["ci95_half"] or 0.0) for _, e in points], color=color, marker="o",
+                             capsize=4, label=algo)
+    axes[0].set_title("policy reward: mean over seeds, band = 95 % CI")
+    axes[1].set_title("training accuracy: mean over seeds, band = 95 % CI")
+    axes[1].axhline(results["threshold"], color="grey", linestyle="--", linewidth=1,
+                    label=f"threshold {100 * results['threshold']:g}%")
+    for ax in axes[:2]:
+        ax.set_xlabel("step")
+    axes[2].set_title("held-out accuracy (%), error bars = 95 % CI")
+    axes[2].set_xticks([0, 1], ["before", "after"])
+    axes[2].set_xlim(-0.5, 1.5)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)

@@ -25,7 +25,7 @@ from aapo_app import rundir
 from aapo_app.builder import build_training, check_prompt_lengths, open_model, plan_run
 from aapo_app.checkpoint import Checkpointer, check_same_ds_configs
 from aapo_app.config import RunConfig
-from aapo_app.data import PromptSampler, PromptStyle
+from aapo_app.data import PromptSampler, PromptStyle, fingerprint
 from aapo_app.engine import all_reduce_max, all_reduce_sum, init_distributed, on_rank0
 from aapo_app.errors import AapoError
 from aapo_app.generation import Sampling, encode_prompts
@@ -202,7 +202,10 @@ class Trainer:
         cfg = self.cfg
         info = {"git_commit": git_commit(), "aapo_version": __version__, "world_size": self.world, "model_path": self.model_path,
                 "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None,
-                "precision": self.precision.as_dict(), "tis": self.tis}
+                "precision": self.precision.as_dict(), "tis": self.tis,
+                # what pairs runs of one seed in `aapo compare`: the same held-out set and prompt order
+                "data": {"eval_set": fingerprint(self.eval_examples),
+                         "train_order": self.sampler.order_fingerprint()}}
         if self.rank == 0:
             (self.output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         config = {**cfg.to_dict(), "ds_config": self.ds_policy, "ds_config_reference": self.ds_ref, **info}
