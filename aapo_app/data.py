@@ -180,7 +180,7 @@ class DataConfig:
     """Cap on the training set, applied after the eval prompts are held out."""
 
     arithmetic_max_operand: int = field(
-        default=99, metadata={"help": "arithmetic generator: operands run from 0 to this value"}
+        default=49, metadata={"help": "arithmetic generator: operands run from 0 to this value"}
     )
     """Largest operand of the arithmetic generator (operands are 0..N)."""
 

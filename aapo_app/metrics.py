@@ -66,6 +66,8 @@ METRICS: dict[str, str] = {
     "truncated_frac": "fraction of policy completions that hit max_new_tokens without EOS",
     "verify_timeouts": "answer verifications that exceeded rewards.verify_timeout_s this step (scored 0)",
     "verify_errors": "answer verifications that raised an error this step (scored 0)",
+    "unevaluated_answers": "policy answers that restate the sum instead of computing it (final answer '15 + 26' for a "
+                           "numeric gold; the grader would accept it, the reward scores it 0)",
     "rollout_tokens_per_s": "sampled tokens (policy + reference, all ranks) per second of rollout",
     "update_tokens_per_s": "trained tokens (prompt + completion, all ranks) per second of update",
     "rollout_seconds": "wall-clock seconds of the rollout stage (all dynamic-sampling rounds included)",

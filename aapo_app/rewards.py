@@ -180,14 +180,32 @@ class Reward:
     def grade(self, completions: list[str], answers: list[str]) -> list[GradeResult]:
         """Grade the completions against the gold answers and set ``self.counts`` from the statuses
         ("verify_timeout", "verify_error", "no_answer")."""
-        results = self.grader.grade_many(answers, completions)
+        results = [dataclasses.replace(r, correct=False, status="unevaluated") if r.correct and restates_arithmetic(
+            gold, r.predicted) else r for gold, r in zip(answers, self.grader.grade_many(answers, completions))]
         statuses = [r.status for r in results]
         self.counts = {
             "verify_timeout": statuses.count("timeout"),
             "verify_error": statuses.count("error"),
             "no_answer": statuses.count("no_answer"),
+            "unevaluated": statuses.count("unevaluated"),
         }
         return results
+
+
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+_OPERAND = rf"\(?\s*{_NUMBER}\s*\)?"
+_UNEVALUATED = re.compile(rf"{_OPERAND}(?:\s*(?:[-+*×]|\\times|\\cdot)\s*{_OPERAND})+")
+
+
+def restates_arithmetic(gold: str, predicted: str) -> bool:
+    """True when the final answer is numbers joined by +, -, × (``15 + 26``) and the gold is one number.
+
+    math-verify evaluates such an expression and accepts it (``15 + 26`` equals 41), so a policy can
+    earn the reward by restating the question ("15 + 26 is the final answer"): a reward hack a
+    small model finds within a few steps on arithmetic. The training rewards and the held-out
+    accuracy of ``aapo train`` score it 0 (status "unevaluated"); ``aapo eval`` grades exactly as its
+    reference protocol. Division is not included: a fraction such as 1/2 is an answer form."""
+    return re.fullmatch(_NUMBER, gold.strip()) is not None and _UNEVALUATED.fullmatch(predicted.strip()) is not None
 
 
 @register_reward("accuracy")
@@ -369,7 +387,7 @@ class TagFormatReward(Reward):
         return [1.0 if _TAG_FORMAT.fullmatch(c) else 0.0 for c in completions]
 
 
-_GRADE_COUNTS = ("verify_timeout", "verify_error", "no_answer")
+_GRADE_COUNTS = ("verify_timeout", "verify_error", "no_answer", "unevaluated")
 
 
 class _BatchGradeCache:
@@ -483,7 +501,7 @@ class RewardModel:
             raise ValueError(f"{n} completions but {len(answers)} answers and {len(lengths)} lengths")
         total = torch.zeros(n, dtype=torch.float32)  # [N]
         per_reward: dict[str, torch.Tensor] = {}
-        counts = {"verify_timeout": 0, "verify_error": 0, "no_answer": 0}
+        counts = {"verify_timeout": 0, "verify_error": 0, "no_answer": 0, "unevaluated": 0}
         graded = False  # grading rewards share one cached verification: count its statuses once
         for name, reward in self.rewards.items():
             values = _as_scores(name, reward(completions, answers, lengths), n)  # [N]

@@ -46,6 +46,7 @@ def score(batch: RolloutBatch, reward_model, algorithm) -> ScoredBatch:
         "reward/std": _std(rewards),
         "verify_timeouts": float(graded.counts.get("verify_timeout", 0)),
         "verify_errors": float(graded.counts.get("verify_error", 0)),
+        "unevaluated_answers": float(graded.counts.get("unevaluated", 0)),
     }
     for name, values in graded.parts.items():
         diagnostics[f"reward/{name}"] = float(values.mean())

@@ -39,7 +39,23 @@ def test_accuracy(model):
     completions = ["so \\boxed{7}", "3 + 4 = 7", "\\boxed{8}", "no idea", "\\boxed{0.5}"]
     answers = ["7", "7", "7", "7", "\\frac{1}{2}"]
     assert call("accuracy", completions, answers, model) == [1.0, 1.0, 0.0, 0.0, 1.0]
-    assert model.rewards["accuracy"].counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1}
+    assert model.rewards["accuracy"].counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1,
+                                                 "unevaluated": 0}
+
+
+def test_an_answer_that_restates_the_sum_scores_zero(model):
+    """The reward hack SmolLM2 found on two-digit addition within ten steps: the grader (lighteval's rule)
+    evaluates the final answer "15 + 26" to 41 and accepts it, so restating the question earned the reward.
+    The training reward scores it 0; a computed answer, and a fraction for a decimal gold, still score 1."""
+    hack = "15 + 26 is the final answer to the given equation."
+    assert model.grader.grade("41", hack).correct  # what the grader alone says
+    completions = [hack, "15 + 26 = 41", "\\boxed{15+26}", "3 \\times 4 = 12, so \\boxed{3 \\times 4}", "\\boxed{1/2}",
+                   "15 + 26 = 189"]
+    answers = ["41", "41", "41", "12", "0.5", "41"]
+    assert call("accuracy", completions, answers, model) == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert model.rewards["accuracy"].counts["unevaluated"] == 3
+    out = model.score(completions, answers, [10] * len(completions))
+    assert out.counts["unevaluated"] == 3 and out.per_reward["accuracy"].tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def test_boxed_format():
@@ -88,7 +104,7 @@ def test_weighted_sum(model):
     assert out.per_reward["accuracy"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert out.per_reward["boxed_format"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     # "no idea" and the unclosed box extract nothing mathematical
-    assert out.counts == {"verify_timeout": 1, "verify_error": 0, "no_answer": 2}
+    assert out.counts == {"verify_timeout": 1, "verify_error": 0, "no_answer": 2, "unevaluated": 0}
 
 
 def test_format_only_model_needs_no_grader():
@@ -97,7 +113,7 @@ def test_format_only_model_needs_no_grader():
         assert m.grader is None
         out = m.score(["<think>\na\n</think>\n<answer>\n7\n</answer>", "x"], ["7", "7"], [5, 1])
     assert out.total.tolist() == [3.0, 0.0]
-    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 0}
+    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 0, "unevaluated": 0}
 
 
 def test_unknown_reward_name():
@@ -166,7 +182,7 @@ def test_cosine_correct_and_wrong(cosine_model):
     assert wrong == pytest.approx([-0.5, -0.25, 0.0, 0.0])
     # clipped: unclipped, p = 2 would give cos(2 pi) = 1, i.e. the l = 0 values 1.0 and -0.5 again
     assert correct[3] == correct[2] and wrong[3] == wrong[2]
-    assert reward.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 0}
+    assert reward.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 0, "unevaluated": 0}
 
 
 def test_cosine_custom_ranges(cosine_model):
@@ -209,7 +225,7 @@ def test_cosine_weighted_total(cosine_model):
     assert out.total.tolist() == pytest.approx([2.5, 0.5, 1.0, -1.0])
     assert out.per_reward["cosine"].tolist() == pytest.approx([0.75, -0.25, 0.5, -0.5])
     assert out.per_reward["boxed_format"].tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1}
+    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1, "unevaluated": 0}
 
 
 def test_accuracy_and_cosine_share_one_verification():
@@ -219,7 +235,7 @@ def test_accuracy_and_cosine_share_one_verification():
         out = m.score(["\\boxed{7}", "no idea"], ["7", "7"], [0, 0])
         assert m.grader.stats["graded"] == 2  # not 4
     assert out.total.tolist() == [2.0, -0.5]
-    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1}  # counted once
+    assert out.counts == {"verify_timeout": 0, "verify_error": 0, "no_answer": 1, "unevaluated": 0}  # counted once
 
 
 @pytest.mark.parametrize(
