@@ -157,7 +157,7 @@ class DataConfig:
     """Apply the tokenizer's chat template; plain text when false or when the tokenizer has none."""
 
     eval_size: int = field(
-        default=100,
+        default=32,
         metadata={"help": "number of held-out eval prompts, chosen by seed and disjoint from the training prompts"},
     )
     """Held-out prompts. Taken from ``source`` unless ``eval_source`` / ``eval_split`` is set."""
@@ -180,7 +180,7 @@ class DataConfig:
     """Cap on the training set, applied after the eval prompts are held out."""
 
     arithmetic_max_operand: int = field(
-        default=49, metadata={"help": "arithmetic generator: operands run from 0 to this value"}
+        default=9, metadata={"help": "arithmetic generator: operands run from 0 to this value"}
     )
     """Largest operand of the arithmetic generator (operands are 0..N)."""
 

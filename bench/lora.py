@@ -64,7 +64,8 @@ def model_dir(name: str) -> str:
     if name == "smollm2":
         return resolve_model_path("")
     path = cache_dir() / "bench-random" / name
-    if not (path / "config.json").is_file():
+    done = path / "written"  # the last file written: a directory without it is an interrupted write
+    if not done.is_file():
         tok = load_tokenizer(resolve_model_path(""))
         shape = dict(SHAPES[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         shape["vocab_size"] = max(shape["vocab_size"], len(tok))
@@ -72,6 +73,7 @@ def model_dir(name: str) -> str:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
         tok.save_pretrained(path)
+        done.write_text("")
     return str(path)
 
 
@@ -133,8 +135,9 @@ def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
 
     rank, world = init_distributed()
     lora = [f"model.lora.rank={rank_r}"] if mode == "lora" else []
+    # fp32 on every machine, so that the measured figures are those computed_mb() predicts
     cfg = load_run_config(None, ["rollout.prompts_per_rank=2", "rollout.group_size=2", "train.micro_batch_size=4",
-                                 *lora])
+                                 "precision=fp32", *lora])
     ds = fill_ds_config(read_ds_config(None, "zero3_cpu.json"), cfg, world)
     ds_ref = fill_ds_config(read_ds_config(None, "zero3_inference_cpu.json"), cfg, world, training=False)
     torch.manual_seed(0)
@@ -256,7 +259,8 @@ def measure_learning(base: list[str], seeds, steps: int, rank_r: int, lora_lr: f
 
 
 def table(res: dict) -> str:
-    out = [f"LoRA rank {res['rank']} (alpha 2 x rank, targets: the Llama/Qwen projections), CPU, {res['machine']}", ""]
+    out = [f"LoRA rank {res['rank']} (alpha 2 x rank, targets: the Llama/Qwen projections), CPU, {res['machine']}; "
+           "memory rows in fp32 (precision=fp32)", ""]
     if res.get("memory"):
         out += ["| model | mode | ranks | trainable / total | policy params MB | reference params MB | grads MB | "
                 "optimizer MB | sum MB / rank | computed MB / rank | peak RSS MB |",
