@@ -1,6 +1,6 @@
-"""The README's first table: `aapo train` exactly as it ships (no arguments but the seed), over seeds.
+"""`aapo train` exactly as it ships (no arguments but the seed), or one config file, over seeds.
 
-For each seed S this runs ``aapo train --seed S --output-dir DIR/seed-S`` in a subprocess, one after
+For each seed S this runs ``aapo train [--config FILE] --seed S --output-dir DIR/seed-S`` in a subprocess, one after
 another (a seed whose run finished is skipped, so the script resumes; an unfinished one is started
 again), then writes ``bench/results/default_seeds.{json,md}``: held-out accuracy before and after
 training per seed (the seed also draws the held-out problems), the gain, the wall-clock time of the
@@ -9,6 +9,8 @@ machine (CPU model and its bf16 flags).
 
     python bench/default_seeds.py                       # seeds 0-4 into runs/default-seeds
     python bench/default_seeds.py --seeds 0 1 --out runs/ds   # fewer seeds; --report-only rewrites the table
+    python bench/default_seeds.py --config launch/recipes/smollm2-arithmetic.yaml --out runs/arith \
+        --results bench/results/smollm2_arithmetic_seeds
 
 The model must be converted once beforehand (``aapo train`` does it on its first run) for the times
 to be those of a user's second run.
@@ -31,14 +33,15 @@ sys.path.insert(0, str(ROOT))
 from bench._common import cpu_flags_text, machine, write_results  # noqa: E402
 
 
-def run_seed(out: Path, seed: int) -> None:
+def run_seed(out: Path, seed: int, config: str | None) -> None:
     run_dir = out / f"seed-{seed}"
     if (run_dir / "summary.json").is_file() and (run_dir / "wall_seconds.txt").is_file():
         print(f"seed {seed}: done already ({run_dir})", flush=True)
         return
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "aapo_app", "train", "--seed", str(seed), "--output-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "aapo_app", "train", *(["--config", config] if config else []), "--seed", str(seed),
+           "--output-dir", str(run_dir)]
     print("+ " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -53,13 +56,15 @@ def row(run_dir: Path) -> dict:
             "precision": info["precision"]["name"]}
 
 
-def report(out: Path, seeds: list[int], results: str) -> None:
+def report(out: Path, seeds: list[int], results: str, config: str | None) -> None:
     import torch
 
     rows = {s: row(out / f"seed-{s}") for s in seeds}
     gains = [100 * (r["after"] - r["before"]) for r in rows.values()]
-    lines = [f"`aapo train --seed S` (the shipped default, nothing else set) on {machine(torch.device('cpu'))}, "
-             f"CPU flags: {cpu_flags_text()}; written by `python bench/default_seeds.py`.", "",
+    what = f"`aapo train --config {config} --seed S`" if config else "`aapo train --seed S` (the shipped default, nothing else set)"
+    lines = [f"{what} on {machine(torch.device('cpu'))}, "
+             f"CPU flags: {cpu_flags_text()}; written by `python bench/default_seeds.py{' --config ' + config if config else ''}`.",
+             "",
              "| seed | held-out accuracy before → after | gain (points) | problems | steps | precision | wall time |",
              "|---|---|---:|---:|---:|---|---:|"]
     for s, r in rows.items():
@@ -72,13 +77,14 @@ def report(out: Path, seeds: list[int], results: str) -> None:
     lines += ["", f"Smallest gain: {min(gains):+.1f} points; largest wall time: "
                   f"{max(r['wall_s'] for r in rows.values()) / 60:.1f} min (model load, both evaluations and training)."]
     text = "\n".join(lines) + "\n"
-    write_results(results, {"machine": machine(torch.device("cpu")), "cpu_flags": cpu_flags_text(), "seeds": {str(s): r for s, r in rows.items()},
+    write_results(results, {"machine": machine(torch.device("cpu")), "cpu_flags": cpu_flags_text(), "config": config, "seeds": {str(s): r for s, r in rows.items()},
                             "mean_gain_points": statistics.mean(gains), "min_gain_points": min(gains)}, text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--config", help="a run config for every seed (default: none, the shipped default)")
     parser.add_argument("--out", default="runs/default-seeds", help="run directories (one per seed)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "default_seeds"),
                         help="where the table goes (.json and .md are added)")
@@ -87,8 +93,8 @@ def main() -> None:
     out = Path(args.out).resolve()
     if not args.report_only:
         for seed in args.seeds:
-            run_seed(out, seed)
-    report(out, args.seeds, args.results)
+            run_seed(out, seed, args.config)
+    report(out, args.seeds, args.results, args.config)
 
 
 if __name__ == "__main__":

@@ -135,9 +135,8 @@ def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
 
     rank, world = init_distributed()
     lora = [f"model.lora.rank={rank_r}"] if mode == "lora" else []
-    # fp32 on every machine, so that the measured figures are those computed_mb() predicts
     cfg = load_run_config(None, ["rollout.prompts_per_rank=2", "rollout.group_size=2", "train.micro_batch_size=4",
-                                 "precision=fp32", *lora])
+                                 *lora])
     ds = fill_ds_config(read_ds_config(None, "zero3_cpu.json"), cfg, world)
     ds_ref = fill_ds_config(read_ds_config(None, "zero3_inference_cpu.json"), cfg, world, training=False)
     torch.manual_seed(0)
@@ -260,7 +259,7 @@ def measure_learning(base: list[str], seeds, steps: int, rank_r: int, lora_lr: f
 
 def table(res: dict) -> str:
     out = [f"LoRA rank {res['rank']} (alpha 2 x rank, targets: the Llama/Qwen projections), CPU, {res['machine']}; "
-           "memory rows in fp32 (precision=fp32)", ""]
+           "memory rows at precision=auto (the computed column assumes fp32 weights)", ""]
     if res.get("memory"):
         out += ["| model | mode | ranks | trainable / total | policy params MB | reference params MB | grads MB | "
                 "optimizer MB | sum MB / rank | computed MB / rank | peak RSS MB |",
