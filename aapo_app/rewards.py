@@ -11,7 +11,7 @@ completions, their N gold answers and their N lengths in tokens, and returns N f
     out = model.score(completions, answers, lengths)
     out.total          # [N] float32, sum_k w_k * R_k
     out.per_reward     # {"accuracy": [N], "boxed_format": [N]}, unweighted
-    out.counts         # {"verify_timeout": ..., "verify_error": ..., "no_answer": ...}
+    out.counts         # {"verify_timeout": ..., "verify_error": ..., "no_answer": ..., "unevaluated": ...}
     model.close()      # stops the grader's worker processes
 
 Reward parameters. A reward may define a nested ``Params`` dataclass (a :class:`RewardParams`: every
@@ -178,17 +178,16 @@ class Reward:
         raise NotImplementedError
 
     def grade(self, completions: list[str], answers: list[str]) -> list[GradeResult]:
-        """Grade the completions against the gold answers and set ``self.counts`` from the statuses
-        ("verify_timeout", "verify_error", "no_answer")."""
-        results = [dataclasses.replace(r, correct=False, status="unevaluated") if r.correct and restates_arithmetic(
-            gold, r.predicted) else r for gold, r in zip(answers, self.grader.grade_many(answers, completions))]
+        """Grade the completions against the gold answers (a restated sum is not an answer, see
+        :func:`restates_arithmetic`) and set ``self.counts`` from the statuses ("verify_timeout",
+        "verify_error", "no_answer", "unevaluated")."""
+        results = []
+        for gold, result in zip(answers, self.grader.grade_many(answers, completions)):
+            if result.correct and restates_arithmetic(gold, result.predicted):
+                result = dataclasses.replace(result, correct=False, status="unevaluated")
+            results.append(result)
         statuses = [r.status for r in results]
-        self.counts = {
-            "verify_timeout": statuses.count("timeout"),
-            "verify_error": statuses.count("error"),
-            "no_answer": statuses.count("no_answer"),
-            "unevaluated": statuses.count("unevaluated"),
-        }
+        self.counts = {key: statuses.count(status) for key, status in _GRADE_COUNTS.items()}
         return results
 
 
@@ -387,7 +386,8 @@ class TagFormatReward(Reward):
         return [1.0 if _TAG_FORMAT.fullmatch(c) else 0.0 for c in completions]
 
 
-_GRADE_COUNTS = ("verify_timeout", "verify_error", "no_answer", "unevaluated")
+_GRADE_COUNTS = {"verify_timeout": "timeout", "verify_error": "error", "no_answer": "no_answer",
+                 "unevaluated": "unevaluated"}  # count key -> the GradeResult status it counts
 
 
 class _BatchGradeCache:
@@ -501,7 +501,7 @@ class RewardModel:
             raise ValueError(f"{n} completions but {len(answers)} answers and {len(lengths)} lengths")
         total = torch.zeros(n, dtype=torch.float32)  # [N]
         per_reward: dict[str, torch.Tensor] = {}
-        counts = {"verify_timeout": 0, "verify_error": 0, "no_answer": 0, "unevaluated": 0}
+        counts = dict.fromkeys(_GRADE_COUNTS, 0)
         graded = False  # grading rewards share one cached verification: count its statuses once
         for name, reward in self.rewards.items():
             values = _as_scores(name, reward(completions, answers, lengths), n)  # [N]
