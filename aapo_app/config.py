@@ -49,9 +49,9 @@ class ModelConfig:
 class RolloutConfig:
     """Sampling settings, shared by the policy group and the reference group."""
 
-    group_size: int = _f(4, "G: completions sampled per prompt from the policy (and G from the reference)")
-    prompts_per_rank: int = _f(2, "prompts per optimizer step on each data-parallel rank; groups never span ranks")
-    max_new_tokens: int = _f(40, "completion length limit; a completion that reaches it without EOS is truncated")
+    group_size: int = _f(8, "G: completions sampled per prompt from the policy (and G from the reference)")
+    prompts_per_rank: int = _f(4, "prompts per optimizer step on each data-parallel rank; groups never span ranks")
+    max_new_tokens: int = _f(32, "completion length limit; a completion that reaches it without EOS is truncated")
     temperature: float = _f(0.7, "sampling temperature; log-probs in the loss use logits / temperature too")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "top-k sampling (0 = off)")
@@ -164,7 +164,7 @@ class VLLMConfig:
 class RewardsConfig:
     """Reward functions by name and their weights: a completion o scores r = sum_k w_k R_k(o)."""
 
-    weights: dict = _f({"accuracy": 1.0, "boxed_format": 0.5}, "reward name -> weight")
+    weights: dict = _f({"accuracy": 1.0}, "reward name -> weight")
     params: dict = _f({}, "reward name -> its settings, e.g. {cosine: {max_len: 1000}} (see --help-config)")
     verify_timeout_s: float = _f(5.0, "wall-clock bound per answer verification; an overrun scores 0 and is counted")
     num_workers: int = _f(2, "grader worker processes per rank")
@@ -216,14 +216,14 @@ class TrainConfig:
 
     max_steps: int = _f(12, "training steps (one rollout and its update each: one optimizer step, or algorithm.mini_batches"
                             " x num_iterations for the ratio-based algorithms)")
-    learning_rate: float = _f(2e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (torch fused AdamW unless the DeepSpeed config has an optimizer section)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in training steps (x the algorithm's optimizer steps per "
                               "rollout); optimizer step k of W warm-up steps takes k/W of the peak, so none is at lr 0")
     lr_scheduler: Literal["constant", "cosine"] = _f("constant", "learning-rate schedule after warm-up: constant, or cosine (decays to min_lr_ratio x lr at max_steps)")
     min_lr_ratio: float = _f(0.0, "cosine schedule: final learning rate as a fraction of train.learning_rate (the 1.5B recipe: 0.1)")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
-    micro_batch_size: int = _f(8, "most sequences per forward/backward (gradient accumulation splits each optimizer step "
+    micro_batch_size: int = _f(32, "most sequences per forward/backward (gradient accumulation splits each optimizer step "
                                   "into micro-batches of at most this many); memory only: the update computed is the same "
                                   "for every value")
     micro_batch_tokens: int = _f(0, "when > 0, micro-batches hold as many sequences as fit this many padded tokens "
@@ -231,7 +231,7 @@ class TrainConfig:
                                     "long completion does not set the memory of a whole micro-batch; the update is the same")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     eval_every: int = _f(0, "held-out evaluation every N steps (0 = only before and after training)")
-    eval_max_new_tokens: int = _f(40, "completion length limit of the greedy held-out evaluation")
+    eval_max_new_tokens: int = _f(32, "completion length limit of the greedy held-out evaluation")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     log_rollouts: bool = _f(True, "append every group (prompt, completions, rewards, advantages) to rollouts/rank<r>.jsonl")
     save_every: int = _f(0, "save the policy as a Hugging Face checkpoint (checkpoints/step-N) every N steps (0 = off)")

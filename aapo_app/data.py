@@ -151,13 +151,19 @@ class DataConfig:
     )
     """Named adapter (:data:`DATA_PRESETS`); keys given explicitly win over the preset's."""
 
-    use_chat_template: bool = field(
-        default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"}
+    use_chat_template: Optional[bool] = field(
+        default=None,
+        metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one; null: yes for datasets, "
+                          "no for the built-in arithmetic task (asked as plain text)"},
     )
-    """Apply the tokenizer's chat template; plain text when false or when the tokenizer has none."""
+    """Apply the tokenizer's chat template; plain text when false or when the tokenizer has none. Null
+    (the default) resolves to true for every dataset and to false for ``source: arithmetic``: the
+    default run asks its questions as plain text, which SmolLM2-135M-Instruct mostly continues
+    instead of answering (about 30 % correct) and learns to answer within 12 steps. Through the
+    chat template it answers 72-88 % of one-digit sums before any training, leaving little to learn."""
 
     eval_size: int = field(
-        default=32,
+        default=100,
         metadata={"help": "number of held-out eval prompts, chosen by seed and disjoint from the training prompts"},
     )
     """Held-out prompts. Taken from ``source`` unless ``eval_source`` / ``eval_split`` is set."""
@@ -185,7 +191,7 @@ class DataConfig:
     """Largest operand of the arithmetic generator (operands are 0..N)."""
 
     arithmetic_ops: str = field(
-        default="+", metadata={"help": "arithmetic generator: operators to use, a subset of '+-*'"}
+        default="+*", metadata={"help": "arithmetic generator: operators to use, a subset of '+-*'"}
     )
     """Operators of the arithmetic generator."""
 
@@ -206,6 +212,9 @@ class DataConfig:
                 f"data.prompt_template: must contain '{{problem}}' where the problem text goes "
                 f"(got {self.prompt_template!r})"
             )
+        if self.use_chat_template is not None and not isinstance(self.use_chat_template, bool):
+            raise AapoError(f"data.use_chat_template: must be true, false or null (got {self.use_chat_template!r})")
+        self.use_chat_template = wants_chat_template(self)
         if not _is_int(self.eval_size) or self.eval_size < 1:
             raise AapoError(f"data.eval_size: must be an integer >= 1 (got {self.eval_size!r})")
         if self.max_train_examples is not None and (
@@ -232,6 +241,15 @@ class DataConfig:
                     "leave data.eval_source and data.eval_split null to hold out data.eval_size prompts, "
                     "or name other data"
                 )
+
+
+def wants_chat_template(cfg: Any) -> bool:
+    """``cfg.use_chat_template``, with null resolved: true for datasets, false for the built-in
+    arithmetic task (``cfg`` is a :class:`DataConfig` or ``aapo eval``'s settings)."""
+    value = getattr(cfg, "use_chat_template", True)
+    if value is None:
+        return getattr(cfg, "source", None) != ARITHMETIC
+    return bool(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -741,7 +759,7 @@ def render_prompt(tokenizer: Any, problem: str, cfg: DataConfig) -> str:
     plain text: ``"{system_prompt}\\n\\n{user}\\n"``, or ``"{user}\\n"`` without a system prompt.
     """
     user = cfg.prompt_template.replace("{problem}", problem)
-    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+    if wants_chat_template(cfg) and getattr(tokenizer, "chat_template", None):
         messages = []
         if cfg.system_prompt:
             messages.append({"role": "system", "content": cfg.system_prompt})
@@ -759,7 +777,7 @@ class PromptStyle:
 
     def __init__(self, tokenizer: Any, cfg: Any):
         self.tokenizer, self.cfg = tokenizer, cfg
-        self.chat = bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+        self.chat = bool(wants_chat_template(cfg) and getattr(tokenizer, "chat_template", None))
 
     @property
     def add_special_tokens(self) -> bool:

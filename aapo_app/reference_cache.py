@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from aapo_app.batches import Grades
+from aapo_app.data import wants_chat_template
 from aapo_app.errors import AapoError
 from aapo_app.rewards import scored_weights
 
@@ -78,7 +79,7 @@ def fingerprint_components(cfg, model_path: str, tokenizer) -> dict:
                      "top_p": r.top_p, "top_k": r.top_k},
         "rewards": {"weights": scored_weights(cfg.rewards), "params": cfg.rewards.params,
                     "plugins": cfg.rewards.plugins, "verify_timeout_s": cfg.rewards.verify_timeout_s},
-        "prompts": {"use_chat_template": d.use_chat_template, "system_prompt": d.system_prompt,
+        "prompts": {"use_chat_template": wants_chat_template(d), "system_prompt": d.system_prompt,
                     "prompt_template": d.prompt_template,
                     "chat_template_sha256": hashlib.sha256(str(tokenizer.chat_template or "").encode()).hexdigest()},
     }

@@ -1,7 +1,7 @@
 """`aapo train` exactly as it ships (no arguments but the seed), or one config file, over seeds.
 
-For each seed S this runs ``aapo train [--config FILE] --seed S --output-dir DIR/seed-S`` in a subprocess, one after
-another (a seed whose run finished is skipped, so the script resumes; an unfinished one is started
+For each seed S this runs ``aapo train [--config FILE] --seed S --output-dir DIR/<algorithm>-seed<S>`` in a subprocess,
+one after another (a seed whose run finished is skipped, so the script resumes; an unfinished one is started
 again), then writes ``bench/results/default_seeds.{json,md}``: held-out accuracy before and after
 training per seed (the seed also draws the held-out problems), the gain, the wall-clock time of the
 whole command (model load, both evaluations and training), the precision ``auto`` picked, and the
@@ -9,8 +9,10 @@ machine (CPU model and its bf16 flags).
 
     python bench/default_seeds.py                       # seeds 0-4 into runs/default-seeds
     python bench/default_seeds.py --seeds 0 1 --out runs/ds   # fewer seeds; --report-only rewrites the table
-    python bench/default_seeds.py --config launch/recipes/smollm2-arithmetic.yaml --out runs/arith \
-        --results bench/results/smollm2_arithmetic_seeds
+    python bench/default_seeds.py --config my-run.yaml --out runs/mine --results bench/results/my_run_seeds
+
+The run directories are named as ``aapo compare`` names its runs, so ``aapo compare --out DIR [--config FILE]``
+adds the other algorithms to these runs and compares them (a finished run is not trained again).
 
 The model must be converted once beforehand (``aapo train`` does it on its first run) for the times
 to be those of a user's second run.
@@ -33,8 +35,15 @@ sys.path.insert(0, str(ROOT))
 from bench._common import cpu_flags_text, machine, write_results  # noqa: E402
 
 
+def run_dir_of(out: Path, seed: int, config: str | None) -> Path:
+    from aapo_app.compare import run_name
+    from aapo_app.config import load_run_config
+
+    return out / run_name(load_run_config(config).algorithm.name, seed)
+
+
 def run_seed(out: Path, seed: int, config: str | None) -> None:
-    run_dir = out / f"seed-{seed}"
+    run_dir = run_dir_of(out, seed, config)
     if (run_dir / "summary.json").is_file() and (run_dir / "wall_seconds.txt").is_file():
         print(f"seed {seed}: done already ({run_dir})", flush=True)
         return
@@ -59,7 +68,7 @@ def row(run_dir: Path) -> dict:
 def report(out: Path, seeds: list[int], results: str, config: str | None) -> None:
     import torch
 
-    rows = {s: row(out / f"seed-{s}") for s in seeds}
+    rows = {s: row(run_dir_of(out, s, config)) for s in seeds}
     gains = [100 * (r["after"] - r["before"]) for r in rows.values()]
     what = f"`aapo train --config {config} --seed S`" if config else "`aapo train --seed S` (the shipped default, nothing else set)"
     lines = [f"{what} on {machine(torch.device('cpu'))}, "

@@ -40,7 +40,7 @@ def test_arithmetic_problem_text_and_answer():
 
 
 def test_arithmetic_split_deterministic_disjoint_and_correct():
-    cfg = DataConfig(eval_size=20)
+    cfg = DataConfig(arithmetic_ops="+", eval_size=20)
     train, eval_ = load_examples(cfg, seed=0)
     assert (len(train), len(eval_)) == (80, 20)
     assert load_examples(cfg, seed=0) == (train, eval_)  # same seed, same lists
@@ -71,7 +71,7 @@ def test_arithmetic_max_train_examples():
 
 def test_arithmetic_eval_size_leaves_nothing():
     with pytest.raises(AapoError, match=r"data\.eval_size: .*leaves no training prompts .*arithmetic_max_operand"):
-        load_examples(DataConfig(arithmetic_max_operand=1, eval_size=4), seed=0)  # 2 × 2 problems
+        load_examples(DataConfig(arithmetic_max_operand=1, arithmetic_ops="+", eval_size=4), seed=0)  # 2 × 2 problems
 
 
 @pytest.mark.parametrize(
@@ -269,14 +269,14 @@ def test_normalize_answer(value, text):
 
 def test_math_train_file(shared_dir):
     path = shared_dir / "datasets" / "math_train" / "math_train.json"
-    train, eval_ = load_examples(DataConfig(source=str(path)), seed=0)
+    train, eval_ = load_examples(DataConfig(source=str(path), eval_size=32), seed=0)
     # 7474 rows; 4 have no gold answer (null in rows 886 and 1009, "" in rows 5328 and 5330) and are skipped.
     assert len(eval_) == 32 and len(train) + len(eval_) == 7474 - 4
     assert not {ex.id for ex in train} & {ex.id for ex in eval_}
     assert {ex.id for ex in train + eval_} == {str(i) for i in range(7474)} - {"886", "1009", "5328", "5330"}
     first = next(ex for ex in train + eval_ if ex.id == "0")
     assert first.answer == "0" and first.problem.startswith("Let \\[f(x) = \\left\\{")
-    assert load_examples(DataConfig(source=str(path)), seed=0) == (train, eval_)
+    assert load_examples(DataConfig(source=str(path), eval_size=32), seed=0) == (train, eval_)
 
     # Columns are configurable: train on the subject name as "answer".
     train2, eval2 = load_examples(
@@ -362,11 +362,12 @@ def test_sampler_too_few_examples():
 
 def test_render_prompt_chat_template(smollm2_tokenizer):
     problem = "What is 3 + 4? Put the final answer in \\boxed{}."
-    text = render_prompt(smollm2_tokenizer, problem, DataConfig())
+    text = render_prompt(smollm2_tokenizer, problem, DataConfig(use_chat_template=True))
     assert text.endswith(f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its own default system turn
 
-    cfg = DataConfig(system_prompt="Think step by step.", prompt_template="Problem: {problem}\nAnswer in \\boxed{}.")
+    cfg = DataConfig(system_prompt="Think step by step.", prompt_template="Problem: {problem}\nAnswer in \\boxed{}.",
+                     use_chat_template=True)
     text = render_prompt(smollm2_tokenizer, "1+1?", cfg)
     assert text == (
         "<|im_start|>system\nThink step by step.<|im_end|>\n"
@@ -386,3 +387,18 @@ def test_render_prompt_plain_text(smollm2_dir):
     # use_chat_template=False gives plain text even with a chat template.
     tokenizer.chat_template = "{{ messages }}"
     assert render_prompt(tokenizer, "1+1?", DataConfig(use_chat_template=False)) == "1+1?\n"
+
+
+def test_use_chat_template_null_means_datasets_yes_arithmetic_no(smollm2_tokenizer, tmp_path):
+    # The default (null) asks the built-in arithmetic task as plain text and templates every dataset;
+    # an explicit true/false wins, and validate() writes the resolved value into the config.
+    problem = "What is 3 + 4? Put the final answer in \\boxed{}."
+    assert render_prompt(smollm2_tokenizer, problem, DataConfig()) == problem + "\n"
+    data = DataConfig(source=str(tmp_path / "d.jsonl"))
+    assert render_prompt(smollm2_tokenizer, problem, data).endswith("<|im_start|>assistant\n")
+    assert render_prompt(smollm2_tokenizer, problem, DataConfig(use_chat_template=True)).endswith("assistant\n")
+    for cfg, resolved in ((DataConfig(), False), (data, True), (DataConfig(use_chat_template=True), True)):
+        cfg.validate()
+        assert cfg.use_chat_template is resolved
+    with pytest.raises(AapoError, match=r"^data\.use_chat_template: must be true, false or null"):
+        DataConfig(use_chat_template="yes").validate()
