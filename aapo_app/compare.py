@@ -75,10 +75,23 @@ DEFINITIONS = {
                 "comparable across algorithms; in results.json only)",
     "zero_std_frac": "mean over the run's steps of algo/zero_std_group_frac, the fraction of prompt groups whose G "
                      "rewards are all equal",
+    "flat_group_frac": "fraction of the logged prompt groups (rollouts/rank*.jsonl, every group of every step) whose G "
+                       "rewards are all equal (flat); DAPO logs the groups it kept after dynamic sampling",
+    "flat_with_signal_frac": "fraction of the flat groups in which some sample has |advantage| > 1e-6: a sample's "
+                             "policy-gradient term is A x grad log pi, so a flat group with all A = 0 pushes nothing "
+                             "(GRPO's KL term aside)",
+    "flat_adv_abs / mixed_adv_abs": "mean |advantage| over the samples of flat groups / of the other groups",
+    "grad_norm_flat_steps / grad_norm_other_steps": "mean grad_norm over the steps where at least half of the groups "
+                                                    "are flat (algo/zero_std_group_frac >= 0.5) / over the other steps",
     "ratio_clip_frac / resample_rounds / optimizer_steps": "means over the run's steps of algo/ratio_clip_frac (GRPO, "
                                                            "Dr. GRPO, DAPO), resample_rounds and optimizer_steps",
 }
 #: per-step metrics reported as their mean over the run's steps (results key -> metrics.jsonl key)
+#: per-step metrics whose mean over seeds (with its CI band) the report keeps and plots
+CURVES_KEYS = ("reward/mean", "accuracy", "algo/zero_std_group_frac", "grad_norm")
+#: per-run numbers about flat groups (see flat_group_signal) and the gradient norm on mostly-flat steps
+FLAT_KEYS = ("flat_group_frac", "flat_with_signal_frac", "flat_adv_abs", "mixed_adv_abs", "grad_norm_flat_steps",
+             "grad_norm_other_steps")
 STEP_MEANS = {"zero_std_frac": "algo/zero_std_group_frac", "ratio_clip_frac": "algo/ratio_clip_frac",
               "resample_rounds": "resample_rounds", "optimizer_steps": "optimizer_steps"}
 
@@ -601,6 +614,53 @@ def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
+#: a step is "mostly flat" when at least this fraction of its prompt groups has rewards all equal
+MOSTLY_FLAT = 0.5
+
+
+def _json_lines(path: Path):
+    """The JSON objects of a ``.jsonl`` file, one a line; a line cut short by a kill is skipped."""
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def flat_group_signal(run_dir: Path) -> dict:
+    """What the policy gradient gets from groups whose G rewards are all equal ("flat"), from the
+    groups the run logged (``rollouts/rank*.jsonl``, ``train.log_rollouts``): a sample's policy-gradient
+    term is A x grad log pi, so a flat group pushes the policy only through non-zero advantages.
+
+    ``flat_group_frac`` (flat groups / groups), ``flat_with_signal_frac`` (flat groups with any
+    |A| > 1e-6 / flat groups), ``flat_adv_abs`` and ``mixed_adv_abs`` (mean |A| over the samples of
+    flat and of other groups); None where there is nothing to average."""
+    flat = mixed = signal = 0
+    flat_abs: list[float] = []
+    mixed_abs: list[float] = []
+    for path in sorted((run_dir / "rollouts").glob("rank*.jsonl")):
+        for group in _json_lines(path):
+            rewards, advantages = group.get("rewards") or [], group.get("advantages") or []
+            if not rewards or len(advantages) != len(rewards):
+                continue
+            magnitudes = [abs(float(a)) for a in advantages]
+            if max(rewards) - min(rewards) <= 1e-9:
+                flat += 1
+                signal += any(m > 1e-6 for m in magnitudes)
+                flat_abs += magnitudes
+            else:
+                mixed += 1
+                mixed_abs += magnitudes
+    groups = flat + mixed
+    return {"flat_group_frac": flat / groups if groups else None,
+            "flat_with_signal_frac": signal / flat if flat else None,
+            "flat_adv_abs": statistics.fmean(flat_abs) if flat_abs else None,
+            "mixed_adv_abs": statistics.fmean(mixed_abs) if mixed_abs else None}
+
+
 def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
     """Every per-run number of the report, from the run's files; None when the run has not started."""
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -624,6 +684,9 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
         samples[m["step"]] = total
     reached = stats.steps_to_threshold([(m["step"], m["accuracy"]) for m in train if "accuracy" in m], threshold, window)
     grad = _finite(m.get("grad_norm") for m in train)
+    flat_steps = [m for m in train if (m.get("algo/zero_std_group_frac") or 0.0) >= MOSTLY_FLAT]
+    grad_flat = _finite(m.get("grad_norm") for m in flat_steps)
+    grad_other = _finite(m.get("grad_norm") for m in train if m not in flat_steps)
     loss = _finite(m.get("loss") for m in train)
     mean_abs_loss = statistics.fmean(abs(v) for v in loss) if loss else 0.0
     before = by_step.get(0, {}).get("eval/accuracy")
@@ -643,12 +706,16 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
         "policy_samples": total,
         "grad_norm_mean": statistics.fmean(grad) if grad else None,
         "grad_norm_var": statistics.pvariance(grad) if grad else None,
+        "grad_norm_flat_steps": statistics.fmean(grad_flat) if grad_flat else None,
+        "grad_norm_other_steps": statistics.fmean(grad_other) if grad_other else None,
+        "flat_steps": len(flat_steps),
+        **flat_group_signal(run_dir),
         "loss_cv": statistics.pstdev(loss) / mean_abs_loss if loss and mean_abs_loss > 0 else None,
         "loss_var": statistics.pvariance(loss) if loss else None,
         **{name: (statistics.fmean(values) if values else None)
            for name, values in ((name, _finite(m.get(key) for m in train)) for name, key in STEP_MEANS.items())},
         "data": info.get("data"),
-        "curves": {key: [(m["step"], m[key]) for m in train if key in m] for key in ("reward/mean", "accuracy")},
+        "curves": {key: [(m["step"], m[key]) for m in train if key in m] for key in CURVES_KEYS},
     }
 
 
@@ -703,7 +770,8 @@ def build_results(out: Path, algorithms: list[str], seeds: list[int], baseline: 
         done = [r for r in runs.values() if r is not None and r["status"] == "done"]
         after = _per_seed(runs, "eval_after")
         entry = {"runs_done": len(done)}
-        for key in ("eval_before", "eval_after", "grad_norm_var", "grad_norm_mean", "loss_cv", *STEP_MEANS):
+        for key in ("eval_before", "eval_after", "grad_norm_var", "grad_norm_mean", "loss_cv", *STEP_MEANS,
+                    *FLAT_KEYS):
             values = _per_seed(runs, key)
             entry[key] = {**stats.mean_ci(list(values.values())).as_dict(), "per_seed": values}
         improvement = _per_seed(runs, "improvement")
@@ -715,7 +783,7 @@ def build_results(out: Path, algorithms: list[str], seeds: list[int], baseline: 
             common = [s for s in seeds if s in after and s in base_after]
             diffs = {s: after[s] - base_after[s] for s in common}
             entry["vs_baseline"] = {**stats.paired(list(diffs.values())).as_dict(), "per_seed": diffs}
-        entry["curves"] = {key: _curve(done, key) for key in ("reward/mean", "accuracy")}
+        entry["curves"] = {key: _curve(done, key) for key in CURVES_KEYS}
         by_algo[algo] = entry
     unfinished = [run_name(a, s) + (" (not started)" if r is None else f" (step {r['last_step']} of {r['steps']})")
                   for (a, s), r in per_run.items() if r is None or r["status"] != "done"]
@@ -783,6 +851,14 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {algo} | {_reach(e['steps_to_threshold'])} | {_reach(e['samples_to_threshold'], counts=False)} "
                      f"| {_num(e['grad_norm_var'])} | {_num(e['grad_norm_mean'])} | {_num(e['loss_cv'])} "
                      f"| {_num(e['zero_std_frac'])} |")
+    lines += ["", "Groups whose rewards are all equal (*flat*), from every logged group:", "",
+              "| algorithm | flat groups | flat groups with a gradient | mean \\|A\\| flat / other groups "
+              f"| grad norm, steps ≥ {100 * MOSTLY_FLAT:g} % flat / other steps |",
+              "|---|---|---|---|---|"]
+    for algo, e in algos.items():
+        lines.append(f"| {algo} | {_num(e['flat_group_frac'])} | {_num(e['flat_with_signal_frac'])} "
+                     f"| {_num(e['flat_adv_abs'])} / {_num(e['mixed_adv_abs'])} "
+                     f"| {_num(e['grad_norm_flat_steps'])} / {_num(e['grad_norm_other_steps'])} |")
     lines += ["", "| algorithm | ratio-clipped tokens | extra rollout rounds / step | optimizer steps / step |",
               "|---|---|---|---|"]
     for algo, e in algos.items():
@@ -805,7 +881,11 @@ def render_markdown(results: dict) -> str:
               "variance over steps of the gradient norm before clipping, in the same units for every algorithm "
               "(the training losses have algorithm-specific scales, so their raw variance is not compared; it is in "
               "results.json as loss_var). *Loss CV*: standard deviation of the loss over steps ÷ mean |loss|. "
-              "*Zero-std groups*: mean fraction of prompt groups whose rewards are all equal. The last table: means over steps "
+              "*Zero-std groups*: mean fraction of prompt groups whose rewards are all equal. *Flat groups with a "
+              "gradient*: of the groups whose rewards are all equal, the fraction with some non-zero advantage (a "
+              "sample's policy-gradient term is A × ∇ log π, so a flat group whose advantages are all 0 pushes nothing); "
+              "*mean |A|*: over the samples of flat groups and of the other groups; *grad norm*: mean gradient norm over "
+              "the steps where at least half the groups are flat, and over the other steps. The last table: means over steps "
               "of the tokens whose ratio was clipped, DAPO's and GPG's extra rollout rounds and the optimizer steps "
               "per training step. Every number and each "
               "seed's value are in results.json; the definitions are in docs/algorithms.md."]

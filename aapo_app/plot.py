@@ -103,21 +103,26 @@ def _save(fig, out: str) -> None:
 
 
 def plot_comparison(results: dict, out: str) -> None:
-    """``aapo compare``'s figure from its results (:func:`aapo_app.compare.build_results`): reward and
-    training accuracy against step, mean over seeds with a 95 % CI band, and the held-out accuracy
-    before and after training with its 95 % CI as error bars."""
+    """``aapo compare``'s figure from its results (:func:`aapo_app.compare.build_results`). Top row:
+    policy reward and training accuracy against step (mean over seeds, 95 % CI band) and the
+    held-out accuracy before and after training (95 % CI error bars). Bottom row: the fraction of
+    prompt groups whose rewards are all equal and the gradient norm against step, and the
+    gradient norm against that fraction, one point per step of every run's mean curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     algos = results["by_algorithm"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
+    (reward_ax, acc_ax, held_ax), (flat_ax, grad_ax, scatter_ax) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (algo, entry) in enumerate(algos.items()):
         color = colors[i % len(colors)]
-        for ax, key in ((axes[0], "reward/mean"), (axes[1], "accuracy")):
-            curve = entry["curves"][key]
+        curves = entry["curves"]
+        for ax, key in ((reward_ax, "reward/mean"), (acc_ax, "accuracy"), (flat_ax, "algo/zero_std_group_frac"),
+                        (grad_ax, "grad_norm")):
+            curve = curves.get(key) or {"steps": []}
             if not curve["steps"]:
                 continue
             ax.plot(curve["steps"], curve["mean"], color=color, label=f"{algo} (n={curve['n']})")
@@ -125,23 +130,33 @@ def plot_comparison(results: dict, out: str) -> None:
                 low = [m - h for m, h in zip(curve["mean"], curve["ci95_half"])]
                 high = [m + h for m, h in zip(curve["mean"], curve["ci95_half"])]
                 ax.fill_between(curve["steps"], low, high, color=color, alpha=0.15)
+        flat, grad = curves.get("algo/zero_std_group_frac") or {}, curves.get("grad_norm") or {}
+        if flat.get("steps") and grad.get("steps"):
+            by_step = dict(zip(grad["steps"], grad["mean"]))
+            points = [(f, by_step[s]) for s, f in zip(flat["steps"], flat["mean"]) if s in by_step]
+            scatter_ax.scatter([p[0] for p in points], [p[1] for p in points], color=color, s=18, label=algo)
         points = [(x, entry[key]) for x, key in ((0, "eval_before"), (1, "eval_after")) if entry[key]["mean"] is not None]
         if points:
             offset = (i - (len(algos) - 1) / 2) * 0.06
-            axes[2].errorbar([x + offset for x, _ in points], [100 * e["mean"] for _, e in points],
+            held_ax.errorbar([x + offset for x, _ in points], [100 * e["mean"] for _, e in points],
                              yerr=[100 * (e["ci95_half"] or 0.0) for _, e in points], color=color, marker="o",
                              capsize=4, label=algo)
-    axes[0].set_title("policy reward: mean over seeds, band = 95 % CI")
-    axes[1].set_title("training accuracy: mean over seeds, band = 95 % CI")
-    axes[1].axhline(results["threshold"], color="grey", linestyle="--", linewidth=1,
-                    label=f"threshold {100 * results['threshold']:g}%")
-    for ax in axes[:2]:
+    reward_ax.set_title("policy reward: mean over seeds, band = 95 % CI")
+    acc_ax.set_title("training accuracy: mean over seeds, band = 95 % CI")
+    acc_ax.axhline(results["threshold"], color="grey", linestyle="--", linewidth=1,
+                   label=f"threshold {100 * results['threshold']:g}%")
+    flat_ax.set_title("groups with all rewards equal (fraction)")
+    grad_ax.set_title("gradient norm before clipping")
+    for ax in (reward_ax, acc_ax, flat_ax, grad_ax):
         ax.set_xlabel("step")
-    axes[2].set_title("held-out accuracy (%), error bars = 95 % CI")
-    axes[2].set_xticks([0, 1], ["before", "after"])
-    axes[2].set_xlim(-0.5, 1.5)
-    for ax in axes:
+    held_ax.set_title("held-out accuracy (%), error bars = 95 % CI")
+    held_ax.set_xticks([0, 1], ["before", "after"])
+    held_ax.set_xlim(-0.5, 1.5)
+    scatter_ax.set_title("gradient norm against the flat-group fraction (per step, mean over seeds)")
+    scatter_ax.set_xlabel("fraction of groups with all rewards equal")
+    scatter_ax.set_ylabel("gradient norm")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="lower right", fontsize=8)
+    acc_ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     _save(fig, out)

@@ -196,7 +196,7 @@ def test_bad_input_matrix_across_commands(tmp_path, tiny_model_dir, shared_dir):
         (["train", f"data.source={empty}", *out], ["data.source", "empty"]),
         (["train", f"data.source={nocol}", *out], ["data.problem_column", "question"]),
         (["train", "--resume", str(damaged)], ["trainer_state.json", "damaged"]),
-        (["train", "--resume", str(run), "rollout.group_size=8"], ["--resume", "rollout.group_size=4", "own config"]),
+        (["train", "--resume", str(run), "rollout.group_size=4"], ["--resume", "rollout.group_size=8", "own config"]),
         (["train", "--resume", "latest"], ["--resume latest", "--output-dir"]),
         (["train", "--output-dir", str(run)], ["already holds a run"]),
         (["train", "--report-to", "mlflow", *out], ["--report-to", "mlflow"]),

@@ -14,6 +14,7 @@ from test_resume import kill_all, start_and_wait
 
 from aapo_app import compare as C
 from aapo_app import stats
+from aapo_app.metrics import read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # statistics
@@ -142,6 +143,38 @@ def test_the_report_of_a_fixed_table(tmp_path):
         "eval_set": "other", "train_order": "o3"}}))
     results = C.build_results(tmp_path, ["aapo", "grpo"], [0, 1, 2, 3], "grpo", 0.9, 3)
     assert not results["pairing"]["ok"] and "seed 3: held-out set differ" in results["pairing"]["text"]
+
+
+def test_flat_groups_and_the_gradient_norm_on_mostly_flat_steps(tmp_path):
+    """flat_group_signal and the grad-norm split, on hand-written rollouts and metrics."""
+    run_dir = _fake_run(tmp_path, "aapo", 0, 0.5, 0.75, [0.5, 0.5, 0.5], grad_norm=[1.0, 2.0, 4.0])
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    for row, frac in zip(rows[1:], (0.75, 0.5, 0.25)):  # steps 1 and 2 are mostly flat (>= 0.5), step 3 is not
+        row["algo/zero_std_group_frac"] = frac
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = [  # rank 0: a flat group with a momentum-like signal, a flat group without, a mixed group
+        {"rewards": [0.0, 0.0], "advantages": [0.2, -0.4]},
+        {"rewards": [1.0, 1.0], "advantages": [0.0, 0.0]},
+        {"rewards": [1.0, 0.0], "advantages": [1.0, -1.0]},
+    ]
+    (run_dir / "rollouts").mkdir()
+    (run_dir / "rollouts" / "rank0.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+    (run_dir / "rollouts" / "rank1.jsonl").write_text(json.dumps({"rewards": [0.5, 0.0], "advantages": [0.5, -0.5]})
+                                                      + "\n" + '{"rewards": [1.0')  # a torn last line is skipped
+    # 4 groups, 2 flat: 2/4; one of the 2 flat groups has a non-zero advantage: 1/2;
+    # mean |A| flat: (0.2 + 0.4 + 0 + 0) / 4 = 0.15; mixed: (1 + 1 + 0.5 + 0.5) / 4 = 0.75
+    assert C.flat_group_signal(run_dir) == pytest.approx(
+        {"flat_group_frac": 0.5, "flat_with_signal_frac": 0.5, "flat_adv_abs": 0.15, "mixed_adv_abs": 0.75})
+    run = C.summarize_run(run_dir, 0.9, 1)
+    # grad norms 1, 2 on the mostly-flat steps (mean 1.5), 4 on the other one
+    assert (run["grad_norm_flat_steps"], run["grad_norm_other_steps"], run["flat_steps"]) == (1.5, 4.0, 2)
+    results = C.build_results(tmp_path, ["aapo"], [0], "aapo", 0.9, 1)
+    entry = results["by_algorithm"]["aapo"]
+    assert entry["flat_with_signal_frac"]["mean"] == 0.5
+    assert entry["curves"]["algo/zero_std_group_frac"]["mean"] == [0.75, 0.5, 0.25]
+    assert "| aapo | 0.5 (n=1) | 0.5 (n=1) | 0.15 (n=1) / 0.75 (n=1) | 1.5 (n=1) / 4 (n=1) |" in C.render_markdown(results)
+    assert C.flat_group_signal(tmp_path / "none") == {"flat_group_frac": None, "flat_with_signal_frac": None,
+                                                      "flat_adv_abs": None, "mixed_adv_abs": None}
 
 
 def test_steps_and_samples_to_a_threshold(tmp_path):

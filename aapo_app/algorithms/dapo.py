@@ -22,7 +22,7 @@ in this project:
   prompts per rollout, mini-batches of 32 prompts: 16 steps), each step's ratio against the policy
   that sampled the rollout; that is where Clip-Higher acts (with one step per rollout ρ = 1 and the
   clip range changes nothing). Here each rank's P × G sequences are split into ``mini_batches``
-  (default 4, so that the default batch of 2 prompts × 4 samples per rank splits evenly; the paper's
+  (default 4, so that the default batch of 4 prompts × 8 samples per rank splits evenly; the paper's
   ratio is 16) consecutive mini-batches, one optimizer step each.
 - **Dynamic sampling**: groups that carry no signal are dropped and the batch is refilled with new
   rollouts. The paper keeps a group when 0 < #correct < G (``keep_groups_by=accuracy``, the
