@@ -76,3 +76,43 @@ def write_results(out: str, res: dict, text: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(res, indent=1))
     Path(out + ".md").write_text(text + "\n")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: its ZeRO-3 partition (``ds_tensor``) where partitioned."""
+    return sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p.data) for p in module.parameters())
+
+
+def optimizer_bytes(engine) -> tuple[int, int]:
+    """(master weights, moments) the engine's optimizer holds on this rank, in bytes."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wraps torch's
+    master = sum(nbytes(p) for group in inner.param_groups for p in group["params"])
+    moments = sum(nbytes(v) for state in inner.state.values() for v in state.values()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    return master, moments
+
+
+def one_training_step(engine, rank: int, vocab: int) -> None:
+    """One backward and optimizer step of ``engine`` on 4 random sequences of 24 tokens (the last 16
+    scored), seeded by rank: after it the optimizer holds its state."""
+    from aapo_app.engine import completion_logprobs
+
+    g = torch.Generator().manual_seed(rank)
+    seq = torch.randint(10, min(vocab, 1000), (4, 24), generator=g)
+    mask = torch.ones_like(seq, dtype=torch.bool)
+    loss = -completion_logprobs(engine, seq, mask, 8, 1.0).mean()
+    engine.backward(loss)
+    engine.step()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._common import free_port, held_bytes, one_training_step, optimizer_bytes  # noqa: E402
 
 # Qwen2.5-1.5B's shape (config.json of Qwen/Qwen2.5-1.5B), random weights
 SHAPES = {
@@ -45,12 +46,6 @@ SHAPES = {
     "tiny": dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_dir(name: str) -> str:
@@ -130,7 +125,7 @@ def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
 
     from aapo_app.config import load_run_config
     from aapo_app.ds_config import fill_ds_config, read_ds_config
-    from aapo_app.engine import ZeroModel, completion_logprobs, init_distributed
+    from aapo_app.engine import ZeroModel, init_distributed
     from aapo_app.lora import apply_lora
 
     rank, world = init_distributed()
@@ -145,29 +140,13 @@ def memory_worker(model_name: str, mode: str, rank_r: int, out: str) -> None:
         apply_lora(model, cfg.model.lora)
     policy = ZeroModel(model, ds, trainable=True, learning_rate=1e-6)
     reference = ZeroModel(_model(model_name, ds_ref), ds_ref, trainable=False) if mode == "full" else None
-    vocab = policy.module.config.vocab_size
-    g = torch.Generator().manual_seed(rank)
-    seq = torch.randint(10, min(vocab, 1000), (4, 24), generator=g)
-    mask = torch.ones_like(seq, dtype=torch.bool)
-    loss = -completion_logprobs(policy.engine, seq, mask, 8, 1.0).mean()
-    policy.engine.backward(loss)
-    policy.engine.step()
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
-    def held(module):
-        return sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p.data) for p in module.parameters())
-
+    one_training_step(policy.engine, rank, policy.module.config.vocab_size)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters())
-    inner = getattr(policy.engine.optimizer, "optimizer", policy.engine.optimizer)
-    master = sum(nbytes(p) for group in inner.param_groups for p in group["params"])
-    moments = sum(nbytes(v) for state in inner.state.values() for v in state.values()
-                  if torch.is_tensor(v) and v.dim() > 0)
+    master, moments = optimizer_bytes(policy.engine)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "world": world, "policy_params_mb": held(policy.module) / 2**20,
-        "reference_params_mb": held(reference.module) / 2**20 if reference else 0.0,
+        "rank": rank, "world": world, "policy_params_mb": held_bytes(policy.module) / 2**20,
+        "reference_params_mb": held_bytes(reference.module) / 2**20 if reference else 0.0,
         "grads_mb": trainable * 4 / world / 2**20, "optimizer_mb": (master + moments) / 2**20,
         "trainable": trainable, "total": total,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

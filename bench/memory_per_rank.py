@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import free_port, held_bytes, one_training_step, optimizer_bytes  # noqa: E402
+
 CONFIGS = {3: "zero3_cpu.json", 2: "zero2_cpu.json"}
 
 
@@ -33,11 +36,9 @@ def worker(stage: int, out: str) -> None:
     """One rank: build the policy engine, take one step, measure, write rank<r>.json."""
     import resource
 
-    import torch
-
     from aapo_app.config import load_run_config
     from aapo_app.ds_config import fill_ds_config, read_ds_config
-    from aapo_app.engine import ZeroModel, completion_logprobs, init_distributed
+    from aapo_app.engine import ZeroModel, init_distributed
     from aapo_app.models import load_causal_lm, resolve_model_path
 
     rank, world = init_distributed()
@@ -45,35 +46,15 @@ def worker(stage: int, out: str) -> None:
     ds = fill_ds_config(read_ds_config(None, CONFIGS[stage]), cfg, world)
     path = resolve_model_path(cfg.model.path)
     policy = ZeroModel(load_causal_lm(path, ds_config=ds), ds, trainable=True, learning_rate=1e-6)
-    g = torch.Generator().manual_seed(rank)
-    seq = torch.randint(10, 1000, (4, 24), generator=g)
-    mask = torch.ones_like(seq, dtype=torch.bool)
-    loss = -completion_logprobs(policy.engine, seq, mask, 8, 1.0).mean()
-    policy.engine.backward(loss)
-    policy.engine.step()
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
-    params = 0
-    for p in policy.module.parameters():
-        params += nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p.data)
-    inner = getattr(policy.engine.optimizer, "optimizer", policy.engine.optimizer)  # DeepSpeed wraps torch's
-    master = sum(nbytes(p) for group in inner.param_groups for p in group["params"])
-    moments = sum(nbytes(v) for state in inner.state.values() for v in state.values()
-                  if torch.is_tensor(v) and v.dim() > 0)
+    one_training_step(policy.engine, rank, policy.module.config.vocab_size)
+    params = held_bytes(policy.module)
+    master, moments = optimizer_bytes(policy.engine)
     opt = master + moments
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "stage": stage, "params_mb": params / 2**20, "optimizer_mb": opt / 2**20,
          "master_mb": master / 2**20, "moments_mb": moments / 2**20,
          "peak_rss_mb": peak_mb}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
