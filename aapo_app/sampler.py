@@ -211,7 +211,8 @@ def fast_linears(model: nn.Module, small_batch: bool = True, fuse: bool = True):
 # ---------------------------------------------------------------------------------------------
 # attention of one new token
 
-_SDPA = None
+#: the name :func:`one_token_attention` registers :func:`_one_token_attention` under with transformers
+ONE_TOKEN_ATTENTION = "aapo_one_token"
 
 
 def _one_token_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -223,8 +224,10 @@ def _one_token_attention(module, query, key, value, attention_mask, dropout: flo
     ``sdpa`` unchanged."""
     if (query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap")
             or kwargs.get("output_attentions") or kwargs.get("sinks") is not None or key.shape[-1] != value.shape[-1]):
-        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-                     **kwargs)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     b, heads, _, d = query.shape
     kv_heads = key.shape[1]
     scale = d ** -0.5 if scaling is None else scaling
@@ -238,24 +241,34 @@ def _one_token_attention(module, query, key, value, attention_mask, dropout: flo
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
-def one_token_attention(model: nn.Module, enabled: bool = True):
-    """While inside, a model on ``sdpa`` attention computes decoding steps with
-    :func:`_one_token_attention` (the attention function registered as ``sdpa`` is swapped and put
-    back; models on other implementations are left alone)."""
-    global _SDPA
+def _register_one_token_attention() -> None:
+    """Register :func:`_one_token_attention` with transformers under :data:`ONE_TOKEN_ATTENTION`,
+    with ``sdpa``'s attention masks (once; the ``sdpa`` entry itself is never touched)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    mapping = AttentionInterface._global_mapping
-    if not enabled or getattr(model.config, "_attn_implementation", None) != "sdpa" or _SDPA is not None:
+    if ONE_TOKEN_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ONE_TOKEN_ATTENTION, _one_token_attention)
+    if ONE_TOKEN_ATTENTION not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(ONE_TOKEN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextlib.contextmanager
+def one_token_attention(model: nn.Module, enabled: bool = True):
+    """While inside, ``model`` (if it is on ``sdpa`` attention) computes decoding steps with
+    :func:`_one_token_attention`: its config's attention implementation is switched to
+    :data:`ONE_TOKEN_ATTENTION` and put back. Only this model changes; other models, and
+    transformers' ``sdpa`` entry, are left alone."""
+    config = getattr(model, "config", None)
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
         yield model
         return
-    _SDPA = mapping["sdpa"]
-    mapping["sdpa"] = _one_token_attention
+    _register_one_token_attention()
+    config._attn_implementation = ONE_TOKEN_ATTENTION
     try:
         yield model
     finally:
-        mapping["sdpa"], _SDPA = _SDPA, None
+        config._attn_implementation = "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------

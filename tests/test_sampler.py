@@ -107,7 +107,26 @@ def test_fused_projections_and_one_token_attention_keep_every_step(tiny, arch):
             assert torch.equal(runs[0][0], runs[1][0])
             torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())
-    assert AttentionInterface._global_mapping["sdpa"] is sdpa
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa  # transformers' entry is never swapped
+    assert model.config._attn_implementation == "sdpa"  # the model's own switch is put back
+
+
+def test_one_token_attention_switches_only_its_model(tiny):
+    """Inside the context only the given model runs the one-query attention: another model on sdpa
+    keeps transformers' function (so a reference model decoding at the same time is unaffected)."""
+    from aapo_app.sampler import ONE_TOKEN_ATTENTION, one_token_attention
+
+    model, *_ = tiny
+    other = _qwen2_tiny()
+    with one_token_attention(model):
+        assert model.config._attn_implementation == ONE_TOKEN_ATTENTION
+        assert other.config._attn_implementation == "sdpa"
+        with one_token_attention(model):  # nested: unchanged, and the outer exit restores
+            assert model.config._attn_implementation == ONE_TOKEN_ATTENTION
+        assert model.config._attn_implementation == ONE_TOKEN_ATTENTION
+    assert model.config._attn_implementation == "sdpa"
+    with one_token_attention(model, enabled=False):
+        assert model.config._attn_implementation == "sdpa"
 
 
 def test_one_token_attention_equals_sdpa_with_a_padding_mask():
@@ -125,7 +144,6 @@ def test_one_token_attention_equals_sdpa_with_a_padding_mask():
     mask[2, ..., :1] = False
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask).transpose(1, 2)
-    sampler._SDPA = None  # never reached: one query token
     got, _ = sampler._one_token_attention(SimpleNamespace(num_key_value_groups=3), q, k, v, mask, scaling=d ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
