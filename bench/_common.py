@@ -65,7 +65,8 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def write_results(out: str, res: dict, text: str) -> None:

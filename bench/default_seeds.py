@@ -5,8 +5,8 @@ in a subprocess, one after another (a seed whose run finished is skipped, so the
 unfinished one is started again), then writes ``bench/results/default_seeds.{json,md}``: held-out
 accuracy before and after training per seed (the seed also draws the held-out problems), the gain,
 the held-out format rate where the reward includes a format, the wall-clock time of the whole
-command (model load, both evaluations and training), the precision the run used, and the machine
-(CPU model, torch threads and the CPU's bf16 flags).
+command (model load, both evaluations and training), the peak RSS of the `aapo train` process, the
+precision the run used, and the machine (CPU model, torch threads and the CPU's bf16 flags).
 
     python bench/default_seeds.py                       # seeds 0-4 into runs/default-seeds
     python bench/default_seeds.py --seeds 0 1 --out runs/ds   # fewer seeds; --report-only rewrites the table
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -59,8 +60,13 @@ def run_seed(out: Path, seed: int, config: str | None, overrides: list[str]) -> 
            "--output-dir", str(run_dir)]
     print("+ " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak RSS (KiB on Linux)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, cmd)
     (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    (run_dir / "peak_rss_mb.txt").write_text(f"{usage.ru_maxrss / 1024:.0f}\n")
 
 
 def row(run_dir: Path) -> dict:
@@ -69,7 +75,12 @@ def row(run_dir: Path) -> dict:
     return {"before": summary["eval_before"], "after": summary["eval_after"], "problems": summary["eval_problems"],
             "format_before": summary.get("eval_format_before"), "format_after": summary.get("eval_format_after"),
             "steps": summary["steps"], "wall_s": float((run_dir / "wall_seconds.txt").read_text()),
+            "peak_rss_mb": float(rss.read_text()) if (rss := run_dir / "peak_rss_mb.txt").is_file() else None,
             "precision": info["precision"]["name"]}
+
+
+def _gb(megabytes) -> str:
+    return "–" if megabytes is None else f"{megabytes / 1024:.1f} GB"
 
 
 def _pct(value) -> str:
@@ -88,17 +99,18 @@ def report(out: Path, seeds: list[int], results: str, config: str | None, overri
              f"`python bench/default_seeds.py{' ' + args if args else ''}`.",
              "",
              "| seed | held-out accuracy before → after | gain (points) | format rate before → after | problems | steps "
-             "| precision | wall time |",
-             "|---|---|---:|---|---:|---:|---|---:|"]
+             "| precision | wall time | peak RSS |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|"]
     for s, r in rows.items():
         fmt = (f"{_pct(r['format_before'])} → {_pct(r['format_after'])}"
                if r["format_before"] is not None else "not rewarded")
         lines.append(f"| {s} | {100 * r['before']:.1f} % → {100 * r['after']:.1f} % | {100 * (r['after'] - r['before']):+.1f} "
-                     f"| {fmt} | {r['problems']} | {r['steps']} | {r['precision']} | {r['wall_s'] / 60:.1f} min |")
+                     f"| {fmt} | {r['problems']} | {r['steps']} | {r['precision']} | {r['wall_s'] / 60:.1f} min "
+                     f"| {_gb(r['peak_rss_mb'])} |")
     mean_before = statistics.mean(100 * r["before"] for r in rows.values())
     mean_after = statistics.mean(100 * r["after"] for r in rows.values())
     lines.append(f"| mean | {mean_before:.1f} % → {mean_after:.1f} % | {statistics.mean(gains):+.1f} | | | | | "
-                 f"{statistics.mean(r['wall_s'] for r in rows.values()) / 60:.1f} min |")
+                 f"{statistics.mean(r['wall_s'] for r in rows.values()) / 60:.1f} min | |")
     lines += ["", f"Smallest gain: {min(gains):+.1f} points; largest wall time: "
                   f"{max(r['wall_s'] for r in rows.values()) / 60:.1f} min (model load, both evaluations and training)."]
     text = "\n".join(lines) + "\n"
