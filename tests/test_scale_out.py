@@ -123,9 +123,10 @@ def test_own_scheduler_section_counts_optimizer_steps():
 def test_micro_batch_size_only_splits_work():
     """train.micro_batch_size need not divide anything: 3 prompts x 4 = 12 sequences per rank in
     micro-batches of at most 5 are 3 micro-batches (5, 5, 2); DAPO's 4 mini-batches of 3 take 1."""
-    cfg = load_run_config(None, ["rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
+    cfg = load_run_config(None, ["rollout.prompts_per_rank=3", "rollout.group_size=4", "train.micro_batch_size=5"])
     assert (cfg.micro_batch_rows, cfg.gradient_accumulation_steps) == (5, 3)
-    dapo = load_run_config(None, ["algorithm.name=dapo", "rollout.prompts_per_rank=3", "train.micro_batch_size=5"])
+    dapo = load_run_config(None, ["algorithm.name=dapo", "rollout.prompts_per_rank=3", "rollout.group_size=4",
+                                  "train.micro_batch_size=5"])
     assert (dapo.sequences_per_optimizer_step, dapo.micro_batch_rows, dapo.gradient_accumulation_steps) == (3, 3, 1)
     with pytest.raises(AapoError, match=r"algorithm.mini_batches=4 does not divide the 6 sequences per rank"):
         load_run_config(None, ["algorithm.name=dapo", "rollout.prompts_per_rank=3", "rollout.group_size=2"])
