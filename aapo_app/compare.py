@@ -86,12 +86,12 @@ DEFINITIONS = {
     "ratio_clip_frac / resample_rounds / optimizer_steps": "means over the run's steps of algo/ratio_clip_frac (GRPO, "
                                                            "Dr. GRPO, DAPO), resample_rounds and optimizer_steps",
 }
-#: per-step metrics reported as their mean over the run's steps (results key -> metrics.jsonl key)
 #: per-step metrics whose mean over seeds (with its CI band) the report keeps and plots
 CURVES_KEYS = ("reward/mean", "accuracy", "algo/zero_std_group_frac", "grad_norm")
 #: per-run numbers about flat groups (see flat_group_signal) and the gradient norm on mostly-flat steps
 FLAT_KEYS = ("flat_group_frac", "flat_with_signal_frac", "flat_adv_abs", "mixed_adv_abs", "grad_norm_flat_steps",
              "grad_norm_other_steps")
+#: per-step metrics reported as their mean over the run's steps (results key -> metrics.jsonl key)
 STEP_MEANS = {"zero_std_frac": "algo/zero_std_group_frac", "ratio_clip_frac": "algo/ratio_clip_frac",
               "resample_rounds": "resample_rounds", "optimizer_steps": "optimizer_steps"}
 
@@ -684,9 +684,9 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
         samples[m["step"]] = total
     reached = stats.steps_to_threshold([(m["step"], m["accuracy"]) for m in train if "accuracy" in m], threshold, window)
     grad = _finite(m.get("grad_norm") for m in train)
-    flat_steps = [m for m in train if (m.get("algo/zero_std_group_frac") or 0.0) >= MOSTLY_FLAT]
-    grad_flat = _finite(m.get("grad_norm") for m in flat_steps)
-    grad_other = _finite(m.get("grad_norm") for m in train if m not in flat_steps)
+    mostly_flat = [(m.get("algo/zero_std_group_frac") or 0.0) >= MOSTLY_FLAT for m in train]
+    grad_flat = _finite(m.get("grad_norm") for m, flat in zip(train, mostly_flat) if flat)
+    grad_other = _finite(m.get("grad_norm") for m, flat in zip(train, mostly_flat) if not flat)
     loss = _finite(m.get("loss") for m in train)
     mean_abs_loss = statistics.fmean(abs(v) for v in loss) if loss else 0.0
     before = by_step.get(0, {}).get("eval/accuracy")
@@ -708,7 +708,7 @@ def summarize_run(run_dir: Path, threshold: float, window: int) -> dict | None:
         "grad_norm_var": statistics.pvariance(grad) if grad else None,
         "grad_norm_flat_steps": statistics.fmean(grad_flat) if grad_flat else None,
         "grad_norm_other_steps": statistics.fmean(grad_other) if grad_other else None,
-        "flat_steps": len(flat_steps),
+        "flat_steps": sum(mostly_flat),
         **flat_group_signal(run_dir),
         "loss_cv": statistics.pstdev(loss) / mean_abs_loss if loss and mean_abs_loss > 0 else None,
         "loss_var": statistics.pvariance(loss) if loss else None,
