@@ -126,13 +126,22 @@ INITIAL_CACHE_TOKENS = 512  # completion positions reserved up front; the cache 
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small_batch: bool) -> torch.Tensor:
-    """``x @ weightᵀ (+ bias)``, as ``W @ xᵀ`` when few rows go through (``small_batch``)."""
+    """``x @ weightᵀ (+ bias)``, as ``W @ xᵀ`` when few rows go through (``small_batch``).
+
+    The rows are always flattened to one 2-D matrix first. Given a 3-D input that is not contiguous
+    (the prefill's last position, ``hidden[:, -1:]``) and a weight that does not require a gradient
+    (the gathered copy we decode with), ``F.linear`` goes through ``torch.matmul``, which does not
+    fold the batch then: it expands the weight to one copy per row and runs a batched product. For
+    the output layer of SmolLM2 and 100 prompts that is a 5.7 GB temporary (measured: the held-out
+    evaluation's prefill took the whole run's memory from 5 to 10.5 GB)."""
     rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
     if not small_batch or rows > SMALL_BATCH_ROWS:
-        return F.linear(x, weight, bias)
-    out = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if bias is not None:
-        out = out + bias
+        out = F.linear(flat, weight, bias)
+    else:
+        out = (weight @ flat.t()).t().contiguous()
+        if bias is not None:
+            out = out + bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -236,3 +236,29 @@ def test_top_k_zero_reaches_generate_as_off():
 
 class _Tok:
     pad_token_id = 0
+
+
+def test_prefill_of_many_prompts_never_copies_the_output_layer_per_row(tiny):
+    """More than SMALL_BATCH_ROWS prompts take F.linear; the prefill's last position is a 3-D view
+    that is not contiguous, and with a frozen bf16 weight torch.matmul would expand the output layer to
+    one copy per row (rows x V x H; 5.7 GB for SmolLM2 and 100 prompts). The largest allocation of
+    the whole decode must stay within twice the larger of that weight and the rows' fp32 logits
+    (here 3.1 and 13.8 MB; the per-row copies would be 220 MB)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from aapo_app.sampler import SMALL_BATCH_ROWS
+
+    import copy
+
+    base, tok, _, _ = tiny
+    model = copy.deepcopy(base).to(torch.bfloat16).requires_grad_(False)  # as the gathered bf16 copy we decode with
+    prompts = [f"What is {i} + {i % 7}?" for i in range(SMALL_BATCH_ROWS + 6)]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = decode(model, enc["input_ids"], enc["attention_mask"].bool(), num_samples=1, max_new_tokens=2,
+                     temperature=None, eos_ids=[-1], pad_id=tok.pad_token_id)
+    head = model.get_output_embeddings().weight
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    bound = 2 * max(head.numel() * head.element_size(), len(prompts) * head.shape[0] * 4)
+    assert out.shape == (len(prompts), 2)
+    assert largest < bound < len(prompts) * head.numel() * head.element_size(), (largest, bound)
